@@ -1,0 +1,281 @@
+"""The `airlock` command line. Exit codes follow DESIGN.md's contract.
+
+Imports of heavy modules happen inside the commands: `airlock run` is on the critical
+path of every sandbox start, and the CLI must not add much to it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from runner.errors import AirlockError, ExitCode
+
+app = typer.Typer(
+    name="airlock",
+    help="Run LLM agents in throwaway containers that reach nothing but their model provider.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+policy_app = typer.Typer(help="Check, show and compile policies.", no_args_is_help=True)
+images_app = typer.Typer(help="Build and list sandbox images.", no_args_is_help=True)
+runs_app = typer.Typer(help="Past runs.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+app.add_typer(images_app, name="images")
+app.add_typer(runs_app, name="runs")
+
+
+def _fail(exc: AirlockError) -> None:
+    typer.echo(f"airlock: {exc}", err=True)
+    raise typer.Exit(int(exc.exit_code))
+
+
+def _progress(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+# -- run ---------------------------------------------------------------------------------
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    task: Annotated[list[str], typer.Argument(help="The prompt, or the command (after --).")],
+    policy: Annotated[str, typer.Option("--policy", "-p", help="Preset name or file.")] = "default",
+    agent: Annotated[str, typer.Option("--agent", "-a", help="command|builtin|codex|claude-code")] = "command",
+    provider: Annotated[str | None, typer.Option(help="Provider backend (overrides the policy's).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model, role or alias the policy allows.")] = None,
+    workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Directory mounted at /workspace.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON event per line on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the agent's own output.")] = False,
+    record: Annotated[Path | None, typer.Option(help="Record provider exchanges to this file.")] = None,
+    runtime: Annotated[str | None, typer.Option(help="runc or runsc (overrides the policy's).")] = None,
+    mcp_tool: Annotated[list[str] | None, typer.Option("--mcp-tool", help="module:function exposed as an MCP tool.")] = None,
+    mcp_server: Annotated[list[str] | None, typer.Option("--mcp-server", help="'CMD ARGS' of an MCP server the host starts.")] = None,
+    enable_tool: Annotated[list[str] | None, typer.Option("--enable-tool", help="A tool of --mcp-server to expose.")] = None,
+) -> None:
+    """Run an agent (or a command) inside a sandbox under a policy."""
+    from runner.run.launch import launch
+
+    try:
+        code = launch(
+            task=task, policy_ref=policy, agent_name=agent, provider=provider, model=model,
+            workspace=workspace, json_out=json_out, quiet=quiet, record=record,
+            runtime=runtime, mcp_tools=mcp_tool or [], mcp_servers=mcp_server or [],
+            enable_tools=enable_tool or [],
+        )
+    except AirlockError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
+# -- policy ------------------------------------------------------------------------------
+
+
+@policy_app.command("check")
+def policy_check(files: Annotated[list[str], typer.Argument(help="Policy files.")]) -> None:
+    """Validate policy files; print `file:line: message` for every problem (exit 2)."""
+    from runner.policy.loader import check_files
+
+    problems = check_files(files)
+    for p in problems:
+        typer.echo(p)
+    if problems:
+        raise typer.Exit(ExitCode.BAD_INPUT)
+    typer.echo(f"ok: {len(files)} file(s)", err=True)
+
+
+def _load(ref: str) -> Any:
+    from runner.policy.loader import load_policy
+
+    try:
+        return load_policy(ref)
+    except AirlockError as exc:
+        _fail(exc)
+
+
+@policy_app.command("show")
+def policy_show(ref: Annotated[str, typer.Argument(help="Preset name or file.")] = "default") -> None:
+    """The resolved policy (after extends), as YAML."""
+    import yaml
+
+    loaded = _load(ref)
+    typer.echo(f"# digest: {loaded.digest}")
+    typer.echo(yaml.safe_dump(loaded.policy.model_dump(mode="json", exclude={"extends"}),
+                              sort_keys=False).rstrip())
+
+
+@policy_app.command("schema")
+def policy_schema() -> None:
+    """The policy's JSON Schema."""
+    from runner.policy.models import Policy
+
+    typer.echo(json.dumps(Policy.model_json_schema(), indent=2))
+
+
+@policy_app.command("compile")
+def policy_compile(
+    ref: Annotated[str, typer.Argument(help="Preset name or file.")] = "default",
+    agent: Annotated[str, typer.Option(help="The agent whose image the spec names.")] = "command",
+) -> None:
+    """The engine settings and the seccomp profile a run would use (nothing is run)."""
+    import dataclasses
+
+    from runner.agents import get_agent
+    from runner.images.build import image_tag
+    from runner.policy.compile import SandboxInputs, container_spec
+
+    loaded = _load(ref)
+    try:
+        image = image_tag(get_agent(agent).image)
+        spec = container_spec(loaded.policy, SandboxInputs(
+            image=image, run_id="<run-id>", owner="<owner>", run_dir=Path("<run-dir>"),
+            etc_dir=Path("<etc-dir>"), workspace=Path("<workspace>"),
+            workspace_writable=loaded.policy.filesystem.workspace != "ro"))
+    except AirlockError as exc:
+        _fail(exc)
+    out = dataclasses.asdict(spec)
+    out["seccomp_profile"] = json.loads(spec.seccomp_profile or "null")
+    out["network"] = "none (only unix sockets under /run/airlock)"
+    typer.echo(json.dumps({"policy_digest": loaded.digest, "container": out}, indent=2))
+
+
+# -- images ------------------------------------------------------------------------------
+
+
+@images_app.command("build")
+def images_build(
+    names: Annotated[list[str] | None, typer.Argument(help="Images to build (default: base).")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even when up to date.")] = False,
+) -> None:
+    """Build sandbox images (bootstrapping the Debian root when needed)."""
+    from runner.engines.docker_engine import connect
+    from runner.images.build import SPECS, build
+    from runner.images.catalog import load_catalog
+
+    load_catalog()
+    try:
+        engine = connect()
+        for name in names or ["base"]:
+            if name not in SPECS:
+                raise AirlockError(f"no image named {name!r} (images: {', '.join(SPECS)})")
+            tag = build(name, engine.client, _progress, force=force)
+            typer.echo(tag)
+    except AirlockError as exc:
+        _fail(exc)
+
+
+@images_app.command("list")
+def images_list() -> None:
+    """The images this version of Airlock uses, and whether each is built."""
+    from runner.engines.docker_engine import connect
+    from runner.images.build import SPECS, image_tag
+    from runner.images.catalog import load_catalog
+
+    load_catalog()
+    try:
+        engine = connect()
+    except AirlockError as exc:
+        _fail(exc)
+    for name in SPECS:
+        tag = image_tag(name)
+        state = "built" if engine.image_present(tag) else "missing"
+        typer.echo(f"{name:12} {tag:40} {state}")
+
+
+# -- doctor / gc -------------------------------------------------------------------------
+
+
+@app.command()
+def doctor(
+    probe: Annotated[bool, typer.Option(help="Also send one request to the provider.")] = False,
+    policy: Annotated[str, typer.Option("--policy", "-p")] = "default",
+) -> None:
+    """Check the engine, runtimes, images, disk and provider configuration."""
+    from runner.doctor import run_doctor
+
+    raise typer.Exit(run_doctor(policy, probe=probe, echo=typer.echo))
+
+
+@app.command()
+def gc(
+    all_runs: Annotated[bool, typer.Option("--all", help="Also remove live runs' objects.")] = False,
+) -> None:
+    """Remove containers and files of runs whose host process is gone."""
+    from runner.engines.docker_engine import connect
+    from runner.run.gc import collect
+
+    try:
+        engine = connect()
+    except AirlockError as exc:
+        _fail(exc)
+    report = collect(engine, include_live=all_runs)
+    for line in report.removed:
+        typer.echo(f"removed {line}")
+    typer.echo(f"gc: {len(report.removed)} removed, {report.kept} live kept", err=True)
+
+
+# -- runs / events -----------------------------------------------------------------------
+
+
+@runs_app.command("list")
+def runs_list(limit: Annotated[int, typer.Option()] = 20) -> None:
+    """Recent runs, newest first."""
+    from runner.run.history import list_runs
+
+    for r in list_runs(limit):
+        typer.echo(f"{r['run_id']}  {r.get('status', '?'):16} exit={r.get('exit_code', '?'):<4} "
+                   f"{r.get('agent', '?'):12} {r.get('duration_s', '?')}s")
+
+
+@runs_app.command("show")
+def runs_show(run_id: str) -> None:
+    """A run's report."""
+    from runner.run.history import load_report
+
+    try:
+        typer.echo(json.dumps(load_report(run_id), indent=2))
+    except AirlockError as exc:
+        _fail(exc)
+
+
+@app.command()
+def events(
+    run_id: Annotated[str, typer.Argument(help="Run id, or `verify RUN`.")],
+    verify_id: Annotated[str | None, typer.Argument(help="With `verify`: the run id.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+    type_: Annotated[list[str] | None, typer.Option("--type", "-t", help="Only these types (prefix match).")] = None,
+) -> None:
+    """Print a run's events (`airlock events verify RUN` checks the hash chain)."""
+    from runner.run import history
+
+    try:
+        if run_id == "verify":
+            if not verify_id:
+                raise AirlockError("usage: airlock events verify RUN")
+            problems = history.verify(verify_id)
+            if problems:
+                for p in problems:
+                    typer.echo(p)
+                raise typer.Exit(1)
+            typer.echo("ok: the chain is intact")
+            return
+        for line in history.iter_events(run_id, follow=follow, types=type_ or []):
+            typer.echo(line)
+    except AirlockError as exc:
+        _fail(exc)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The Docker Engine provider (docker SDK).
+
+Talks to whatever engine DOCKER_HOST or the default socket reaches and changes nothing
+on it: every object it creates carries Airlock's labels, and is removed by the run or
+by `airlock gc`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from runner.engines.base import (
+    LABEL_MANAGED,
+    LABEL_OWNER,
+    LABEL_RUN,
+    ContainerSpec,
+    Engine,
+    EngineInfo,
+    Exit,
+    ManagedObject,
+    Sandbox,
+)
+from runner.errors import NotReady
+
+
+def _client(timeout: int = 60) -> Any:
+    import docker
+    import docker.errors
+
+    try:
+        client = docker.from_env(timeout=timeout)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        where = os.environ.get("DOCKER_HOST") or "the default socket"
+        raise NotReady(
+            f"no Docker Engine answers at {where} ({_short(exc)})",
+            hint="run `make engine`, or start Docker and check DOCKER_HOST",
+        ) from None
+    return client
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+class DockerSandbox(Sandbox):
+    def __init__(self, client: Any, container: Any) -> None:
+        self._client = client
+        self._container = container
+        self.id = container.id
+
+    def start(self) -> None:
+        import docker.errors
+
+        try:
+            self._container.start()
+        except docker.errors.APIError as exc:
+            raise NotReady(f"the engine could not start the sandbox: {exc.explanation}") from None
+
+    def output(self) -> Iterator[tuple[Literal["stdout", "stderr"], bytes]]:
+        stream = self._client.api.attach(self.id, stdout=True, stderr=True, stream=True,
+                                         logs=True, demux=True)
+        for out, err in stream:
+            if out:
+                yield "stdout", out
+            if err:
+                yield "stderr", err
+
+    def wait(self) -> Exit:
+        result = self._client.api.wait(self.id)
+        state = self._client.api.inspect_container(self.id)["State"]
+        return Exit(code=int(result.get("StatusCode", state.get("ExitCode", 1))),
+                    oom_killed=bool(state.get("OOMKilled")))
+
+    def kill(self) -> None:
+        import docker.errors
+
+        with contextlib.suppress(docker.errors.APIError):
+            self._client.api.kill(self.id)
+
+    def remove(self) -> None:
+        import docker.errors
+
+        with contextlib.suppress(docker.errors.NotFound):
+            self._client.api.remove_container(self.id, force=True, v=True)
+
+
+class DockerEngine(Engine):
+    name = "docker"
+
+    def __init__(self, client: Any | None = None) -> None:
+        self.client = client or _client()
+
+    def info(self) -> EngineInfo:
+        info = self.client.info()
+        version = self.client.version().get("Version", "?")
+        return EngineInfo(
+            name="docker",
+            version=version,
+            runtimes=tuple(sorted((info.get("Runtimes") or {}).keys())),
+            endpoint=self.client.api.base_url,
+        )
+
+    def image_present(self, tag: str) -> bool:
+        import docker.errors
+
+        try:
+            self.client.images.get(tag)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+
+    def create(self, spec: ContainerSpec) -> Sandbox:
+        import docker.errors
+        from docker.types import LogConfig, Mount, Ulimit
+
+        security_opt = []
+        if spec.no_new_privileges:
+            security_opt.append("no-new-privileges")
+        if spec.seccomp_profile is not None:
+            # The Engine API wants the profile's JSON text itself, not a path.
+            security_opt.append(f"seccomp={spec.seccomp_profile}")
+        try:
+            container = self.client.containers.create(
+                image=spec.image,
+                command=spec.command,
+                user=spec.user,
+                environment=spec.env,
+                labels=spec.labels,
+                mounts=[Mount(target=m.target, source=m.source, type="bind",
+                              read_only=m.read_only) for m in spec.mounts],
+                tmpfs=spec.tmpfs,
+                read_only=spec.read_only_root,
+                cap_drop=["ALL"],
+                cap_add=spec.cap_add or None,
+                security_opt=security_opt,
+                runtime=spec.runtime,
+                mem_limit=spec.memory,
+                memswap_limit=spec.memory,  # equal to the limit: no swap
+                nano_cpus=int(spec.cpus * 1e9),
+                pids_limit=spec.pids,
+                ulimits=[Ulimit(name="nofile", soft=spec.nofile, hard=spec.nofile),
+                         Ulimit(name="core", soft=0, hard=0)],
+                init=spec.init,
+                network_mode=spec.network,
+                hostname=spec.hostname,
+                working_dir=spec.working_dir,
+                ipc_mode="private",
+                log_config=LogConfig(type="json-file",
+                                     config={"max-size": str(spec.log_max_bytes),
+                                             "max-file": "1"}),
+                stdin_open=False,
+                tty=False,
+                detach=True,
+            )
+        except docker.errors.ImageNotFound:
+            raise NotReady(f"image {spec.image} is missing",
+                           hint="run `airlock images build`") from None
+        except docker.errors.APIError as exc:
+            message = exc.explanation or str(exc)
+            if "runtime" in str(message).lower():
+                raise NotReady(f"the engine has no runtime {spec.runtime!r}: {message}",
+                               hint="register it with the engine (see `make engine`) or "
+                               "choose process.runtime: runc") from None
+            raise NotReady(f"the engine refused the sandbox: {message}") from None
+        return DockerSandbox(self.client, container)
+
+    def managed(self) -> list[ManagedObject]:
+        out = []
+        for c in self.client.api.containers(all=True, filters={"label": LABEL_MANAGED}):
+            labels = c.get("Labels") or {}
+            out.append(ManagedObject("container", c["Id"], labels.get(LABEL_RUN, ""),
+                                     labels.get(LABEL_OWNER, ""), c.get("State") == "running"))
+        for n in self.client.api.networks(filters={"label": LABEL_MANAGED}):
+            labels = n.get("Labels") or {}
+            out.append(ManagedObject("network", n["Id"], labels.get(LABEL_RUN, ""),
+                                     labels.get(LABEL_OWNER, ""), False))
+        volumes = self.client.api.volumes(filters={"label": LABEL_MANAGED}) or {}
+        for v in volumes.get("Volumes") or []:
+            labels = v.get("Labels") or {}
+            out.append(ManagedObject("volume", v["Name"], labels.get(LABEL_RUN, ""),
+                                     labels.get(LABEL_OWNER, ""), False))
+        return out
+
+    def remove_object(self, obj: ManagedObject) -> None:
+        import docker.errors
+
+        with contextlib.suppress(docker.errors.NotFound):
+            if obj.kind == "container":
+                self.client.api.remove_container(obj.id, force=True, v=True)
+            elif obj.kind == "network":
+                self.client.api.remove_network(obj.id)
+            elif obj.kind == "volume":
+                self.client.api.remove_volume(obj.id, force=True)
+
+
+def connect() -> DockerEngine:
+    return DockerEngine()

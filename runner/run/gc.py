@@ -1,0 +1,46 @@
+"""`airlock gc`: remove what runs left behind when their host process died.
+
+An object is over when the process that owns it (host name, pid and that process's
+start time, in its label) is certainly gone. Runs of live processes, and runs of other
+hosts sharing the engine, are left alone.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.engines import Engine
+from runner.run.owner import owner_alive
+
+SCRATCH_PREFIX = "airlock-run-"
+OWNER_FILE = "owner"
+
+
+@dataclass
+class GcReport:
+    removed: list[str]
+    kept: int
+
+
+def collect(engine: Engine | None, *, include_live: bool = False) -> GcReport:
+    removed: list[str] = []
+    kept = 0
+    if engine is not None:
+        for obj in engine.managed():
+            if include_live or not owner_alive(obj.owner):
+                engine.remove_object(obj)
+                removed.append(f"{obj.kind} {obj.id[:12]} (run {obj.run_id})")
+            else:
+                kept += 1
+    for scratch in Path(tempfile.gettempdir()).glob(SCRATCH_PREFIX + "*"):
+        try:
+            owner = (scratch / OWNER_FILE).read_text().strip()
+        except OSError:
+            owner = ""
+        if include_live or not owner_alive(owner):
+            shutil.rmtree(scratch, ignore_errors=True)
+            removed.append(f"directory {scratch}")
+    return GcReport(removed, kept)

@@ -1,0 +1,70 @@
+"""`airlock run`: the CLI's words turned into a Run, with the console attached."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from runner.agents import get_agent
+from runner.errors import BadInput
+from runner.events.console import Console
+from runner.policy.loader import load_policy
+from runner.policy.models import McpServerPolicy, Policy, ProviderPolicy
+from runner.run.hostaddrs import host_addresses
+from runner.run.orchestrator import RunOptions, run
+
+
+def apply_overrides(policy: Policy, *, provider: str | None, runtime: str | None,
+                    mcp_tools: list[str], mcp_servers: list[str],
+                    enable_tools: list[str]) -> Policy:
+    """Command-line flags on top of the policy file, validated like the file itself."""
+    data = policy.model_dump(mode="json")
+    if runtime:
+        data["process"]["runtime"] = runtime
+    if provider:
+        if data.get("provider") and data["provider"]["backend"] != provider:
+            data["provider"] = {"backend": provider}
+        data.setdefault("provider", None)
+        data["provider"] = data["provider"] or {"backend": provider}
+    if mcp_tools:
+        data["mcp"]["tools"] = [*data["mcp"]["tools"], *mcp_tools]
+    if enable_tools and not mcp_servers:
+        raise BadInput("--enable-tool needs --mcp-server")
+    for cmd in mcp_servers:
+        data["mcp"]["servers"].append(
+            McpServerPolicy(command=cmd, enabled_tools=enable_tools).model_dump(mode="json"))
+    try:
+        out = Policy.model_validate(data)
+        if out.provider is not None:
+            ProviderPolicy.model_validate(out.provider.model_dump())
+    except ValueError as exc:
+        raise BadInput(f"invalid flags: {exc}") from None
+    return out
+
+
+def launch(*, task: list[str], policy_ref: str, agent_name: str, provider: str | None,
+           model: str | None, workspace: Path | None, json_out: bool, quiet: bool,
+           record: Path | None, runtime: str | None, mcp_tools: list[str],
+           mcp_servers: list[str], enable_tools: list[str]) -> int:
+    from runner.engines import get_engine
+    from runner.run.gc import collect
+
+    policy = apply_overrides(load_policy(policy_ref).policy, provider=provider, runtime=runtime,
+                             mcp_tools=mcp_tools, mcp_servers=mcp_servers,
+                             enable_tools=enable_tools)
+    agent = get_agent(agent_name)
+    if workspace is not None and not workspace.is_dir():
+        raise BadInput(f"--workspace {workspace} is not a directory")
+    engine = get_engine()
+    # Whatever a killed run left behind goes before a new one starts.
+    collect(engine)
+    console = Console(json_out=json_out, quiet=quiet, budgets_from=policy)
+    result = run(RunOptions(
+        policy=policy, agent=agent, task=task, workspace=workspace, model=model,
+        engine=engine, record=record, listeners=[console.on_event],
+        on_output=None if json_out else console.on_output, host_addresses=host_addresses(),
+    ))
+    console.finish(result)
+    if json_out:
+        sys.stdout.flush()
+    return result.exit_code

@@ -1,0 +1,339 @@
+"""One run: prepare -> start services -> start sandbox -> stream & enforce -> tear down -> report.
+
+Everything the run creates on the host (a private scratch directory with the sockets,
+the workspace copy, the engine's container) is removed in `finally`, whatever ended
+the run; `airlock gc` removes what a killed host process could not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from runner.agents import Agent, AgentContext
+from runner.engines import Engine, Sandbox, get_engine
+from runner.errors import AirlockError, ExitCode, NotReady
+from runner.events import BudgetExceeded, Budgets, Event, EventLog
+from runner.images.build import image_tag
+from runner.policy.compile import RUN_DIR_IN_SANDBOX, SandboxInputs, container_spec
+from runner.policy.loader import policy_digest
+from runner.policy.models import SANDBOX_HOME, WORKSPACE_PATH, Policy, widenings
+from runner.run import workspace as ws_mod
+from runner.run.control import ControlServer
+from runner.run.gc import OWNER_FILE, SCRATCH_PREFIX
+from runner.run.owner import owner_label
+from runner.run.report import RunResult, write_report
+from runner.run.services import ServiceHost
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BRIDGE_PORTS = {"provider": 41001, "proxy": 41002, "mcp": 41003}
+OUTPUT_EVENT_CAP = 8192  # bytes of output text carried by one agent.output event
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("AIRLOCK_RUNS_DIR", "runs")).resolve()
+
+
+@dataclass
+class RunOptions:
+    policy: Policy
+    agent: Agent
+    task: list[str]
+    workspace: Path | None = None
+    model: str | None = None
+    engine: Engine | None = None
+    runs_dir: Path | None = None
+    record: Path | None = None
+    python_tools: list[Callable[..., Any]] = field(default_factory=list)
+    listeners: list[Callable[[Event], None]] = field(default_factory=list)
+    # Raw agent output as it arrives (stream name, bytes): the console prints it.
+    on_output: Callable[[str, bytes], None] | None = None
+    host_addresses: list[str] = field(default_factory=list)
+
+
+class Run:
+    def __init__(self, options: RunOptions) -> None:
+        self.o = options
+        self.policy = options.policy
+        self.run_id = new_run_id()
+        self.dir = (options.runs_dir or runs_dir()) / self.run_id
+        self.dir.mkdir(parents=True, exist_ok=False, mode=0o700)
+        self.log = EventLog(self.dir / "events.jsonl", self.run_id)
+        for listener in options.listeners:
+            self.log.subscribe(listener)
+        b = self.policy.budgets
+        self.budgets = Budgets(
+            {"steps": b.steps, "requests": b.requests, "tokens": b.tokens,
+             "mcp_calls": b.mcp_calls, "output_bytes": self.policy.resources.output_bytes},
+            self.log, self._on_budget,
+        )
+        self._sandbox: Sandbox | None = None
+        self._end_reason: str | None = None  # budget | timeout | interrupted
+        self._lock = threading.Lock()
+        self._agent_started: float | None = None
+        self._selftest: dict[str, Any] | None = None
+        self._agent_exit: int | None = None
+        self.result_value: Any = None
+
+    # -- enforcement -----------------------------------------------------------------
+
+    def _end(self, reason: str) -> None:
+        with self._lock:
+            if self._end_reason is None:
+                self._end_reason = reason
+            sandbox = self._sandbox
+        if sandbox is not None:
+            sandbox.kill()
+
+    def _on_budget(self, exc: BudgetExceeded) -> None:
+        self._end("budget")
+
+    def _on_control(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "agent.started":
+            self._agent_started = time.monotonic()
+            self.log.emit("agent.started", "host", pid=msg.get("pid"))
+        elif kind == "selftest":
+            self._selftest = msg
+            self.log.emit("selftest", "host", ok=bool(msg.get("ok")),
+                          checks=msg.get("checks", []), runtime=msg.get("runtime"))
+        elif kind == "agent.exit":
+            self._agent_exit = msg.get("code")
+        elif kind == "shim.ready":
+            self.log.emit("sandbox.ready", "host")
+
+    # -- the run -----------------------------------------------------------------------
+
+    def execute(self) -> RunResult:
+        t0 = time.monotonic()
+        p = self.policy
+        agent = self.o.agent
+        self.log.emit("run.start", "host", agent=agent.name, policy=p.name,
+                      policy_digest=policy_digest(p), runtime=p.process.runtime,
+                      network=p.network.mode, workspace_mode=p.filesystem.workspace,
+                      task=self.o.task)
+        for w in widenings(p):
+            self.log.emit("policy.widened", "host", detail=w)
+        (self.dir / "policy.json").write_text(json.dumps(p.model_dump(mode="json"), indent=2))
+
+        scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))  # 0700: only this user
+        (scratch / OWNER_FILE).write_text(owner_label())
+        services = ServiceHost()
+        control: ControlServer | None = None
+        prepared: ws_mod.PreparedWorkspace | None = None
+        exit_code: int = ExitCode.AGENT_FAILED
+        status, reason = "error", "error"
+        patch_text = ""
+        image = ""
+        error: str | None = None
+        try:
+            engine = self.o.engine or get_engine()
+            image = image_tag(agent.image)
+            if not engine.image_present(image):
+                raise NotReady(f"image {image} is not built",
+                               hint=f"run `airlock images build {agent.image}`")
+            run_dir = scratch / "run"
+            run_dir.mkdir(mode=0o755)
+            os.chmod(run_dir, 0o755)
+            etc = scratch / "etc"
+            etc.mkdir()
+            (etc / "resolv.conf").write_text("# airlock: the sandbox has no DNS\n")
+            (etc / "hosts").write_text("127.0.0.1\tlocalhost airlock\n::1\tlocalhost\n")
+
+            uid, _, gid = p.process.user.partition(":")
+            prepared = ws_mod.prepare(self.o.workspace, p.filesystem.workspace, scratch,
+                                      int(uid), int(gid or uid))
+            if prepared.writable and prepared.copy is None:
+                self.log.emit("workspace.writable", "host", path=str(prepared.origin))
+
+            bridges, endpoints = self._start_services(services, run_dir)
+            control = ControlServer(run_dir / "control.sock", self._on_control,
+                                    lambda: self.log.emit("control.refused", "host"))
+            ctx = AgentContext(policy=p, task=self.o.task, model=self.o.model,
+                               endpoints=endpoints,
+                               workspace=WORKSPACE_PATH if prepared.host_path else None)
+            env = self._agent_env(agent, ctx)
+            shim_cfg = {
+                "run_id": self.run_id,
+                "argv": agent.argv(ctx),
+                "env": env,
+                "cwd": WORKSPACE_PATH if prepared.host_path else SANDBOX_HOME,
+                "bridges": bridges,
+                "control": f"{RUN_DIR_IN_SANDBOX}/control.sock",
+                "selftest": self._selftest_config(bridges) if p.readiness.selftest else None,
+            }
+            (run_dir / "shim.json").write_text(json.dumps(shim_cfg))
+            spec = container_spec(p, SandboxInputs(
+                image=image, run_id=self.run_id, owner=owner_label(), run_dir=run_dir,
+                etc_dir=etc, workspace=prepared.host_path,
+                workspace_writable=prepared.writable))
+            sandbox = engine.create(spec)
+            with self._lock:
+                self._sandbox = sandbox
+            self.log.emit("sandbox.created", "host", container=sandbox.id[:12], image=image,
+                          runtime=spec.runtime)
+            code, oom = self._run_sandbox(sandbox)
+            exit_code, status, reason = self._classify(agent, code, oom)
+        except KeyboardInterrupt:
+            self._end("interrupted")
+            exit_code, status, reason = 130, "interrupted", "interrupted"
+        except AirlockError as exc:
+            error = str(exc)
+            exit_code = exc.exit_code
+            status = "not_ready" if exc.exit_code == ExitCode.NOT_READY else "error"
+            reason = "error"
+            self.log.emit("run.error", "host", error=error)
+        finally:
+            with self._lock:
+                sandbox_ref = self._sandbox
+            if sandbox_ref is not None:
+                sandbox_ref.remove()
+                self.log.emit("sandbox.removed", "host")
+            if control is not None:
+                control.close()
+            services.close()
+            if prepared is not None and prepared.copy is not None:
+                try:
+                    patch_text = ws_mod.patch(prepared)
+                except AirlockError as exc:
+                    self.log.emit("workspace.patch_failed", "host", error=str(exc))
+                if patch_text:
+                    (self.dir / "changes.patch").write_text(patch_text, errors="surrogateescape")
+                    self.log.emit("workspace.patch", "host", bytes=len(patch_text),
+                                  path=str(self.dir / "changes.patch"))
+            shutil.rmtree(scratch, ignore_errors=True)
+
+        result = RunResult(
+            run_id=self.run_id,
+            run_dir=self.dir,
+            status=status,
+            exit_code=int(exit_code),
+            exit_reason=reason,
+            agent=agent.name,
+            policy=p.name,
+            policy_digest=policy_digest(p),
+            image=image,
+            duration_s=round(time.monotonic() - t0, 3),
+            budgets=self.budgets.snapshot(),
+            error=error,
+            patch=patch_text or None,
+            selftest=self._selftest,
+            result=self.result_value,
+        )
+        self.log.emit("run.end", "host", status=status, exit_code=int(exit_code),
+                      exit_reason=reason, duration_s=result.duration_s)
+        result.events = self.log.count
+        result.last_hash = self.log.last_hash
+        self.log.close()
+        write_report(result)
+        return result
+
+    def _classify(self, agent: Agent, code: int, oom: bool) -> tuple[int, str, str]:
+        reason = self._end_reason
+        if reason == "budget":
+            return ExitCode.BUDGET_EXCEEDED, "budget_exceeded", "budget"
+        if reason == "timeout":
+            return ExitCode.WALL_TIME, "timeout", "wall_time"
+        if reason == "interrupted":
+            return 130, "interrupted", "interrupted"
+        if oom:
+            return ExitCode.KILLED, "oom", "oom"
+        if self._selftest is not None and not self._selftest.get("ok") and code == 3:
+            return ExitCode.NOT_READY, "not_ready", "selftest"
+        if self._agent_exit is None and self._agent_started is None and code != 0:
+            # The shim never started the agent: the sandbox itself failed.
+            return ExitCode.NOT_READY, "not_ready", "sandbox"
+        if agent.passthrough_exit:
+            return code, "succeeded" if code == 0 else "failed", "command"
+        ok = agent.succeeded(code)
+        return (ExitCode.OK if ok else ExitCode.AGENT_FAILED), ("succeeded" if ok else "failed"), "agent"
+
+    def _run_sandbox(self, sandbox: Sandbox) -> tuple[int, bool]:
+        deadline = self.policy.resources.wall_time
+        timer = threading.Timer(deadline, self._end, args=("timeout",))
+        timer.daemon = True
+        sandbox.start()
+        self.log.emit("sandbox.started", "host")
+        timer.start()
+        reader = threading.Thread(target=self._pump_output, args=(sandbox,), daemon=True)
+        reader.start()
+        try:
+            exit_ = sandbox.wait()
+        finally:
+            timer.cancel()
+        reader.join(timeout=5)
+        self.log.emit("sandbox.exited", "host", code=exit_.code, oom_killed=exit_.oom_killed)
+        return exit_.code, exit_.oom_killed
+
+    def _pump_output(self, sandbox: Sandbox) -> None:
+        agent = self.o.agent
+        partial = {"stdout": b"", "stderr": b""}
+        try:
+            for stream, chunk in sandbox.output():
+                if not self.budgets.charge("output_bytes", len(chunk)):
+                    break
+                if self.o.on_output is not None:
+                    self.o.on_output(stream, chunk)
+                text = chunk.decode("utf-8", errors="replace")
+                self.log.emit("agent.output", "agent", stream=stream,
+                              text=text[:OUTPUT_EVENT_CAP],
+                              truncated=len(text) > OUTPUT_EVENT_CAP)
+                buf = partial[stream] + chunk
+                *lines, partial[stream] = buf.split(b"\n")
+                for raw in lines:
+                    self._parse(agent, stream, raw.decode("utf-8", errors="replace"))
+                if len(partial[stream]) > 1 << 20:
+                    partial[stream] = b""
+        except Exception as exc:  # noqa: BLE001 - the engine dropped the stream
+            self.log.emit("output.error", "host", error=str(exc)[:300])
+
+    def _parse(self, agent: Agent, stream: str, line: str) -> None:
+        for ev in agent.parse_line(stream, line):
+            self.log.emit(ev.type, "agent", **ev.data)
+            if ev.step:
+                self.budgets.charge("steps", 1)
+
+    # -- inputs for the shim ---------------------------------------------------------
+
+    def _agent_env(self, agent: Agent, ctx: AgentContext) -> dict[str, str]:
+        p = self.policy
+        env = {"PATH": DEFAULT_PATH, "HOME": SANDBOX_HOME, "LANG": "C.UTF-8", "TMPDIR": "/tmp",
+               "AIRLOCK_RUN_ID": self.run_id}
+        for name in p.env.allow:
+            if name in os.environ:
+                env[name] = os.environ[name]
+        env.update(p.env.set)
+        env.update(agent.env(ctx))
+        env.update(ctx.endpoints)
+        return env
+
+    def _selftest_config(self, bridges: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"gate": True, "runtime": self.policy.process.runtime,
+                "host_addresses": self.o.host_addresses,
+                "read_only_root": self.policy.filesystem.read_only_root}
+
+    def _start_services(self, services: ServiceHost, run_dir: Path
+                        ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """Start the run's host services; return the shim's bridges and the agent's env."""
+        from runner.run.wiring import start_services
+
+        return start_services(self, services, run_dir)
+
+
+def run(options: RunOptions) -> RunResult:
+    return Run(options).execute()
+
