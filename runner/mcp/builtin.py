@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from runner.mcp.tools import PythonTool, ToolSpecError
+from runner.mcp.errors import ToolSpecError
+from runner.mcp.tools import PythonTool
 
 
 class ResultSlot:

@@ -27,9 +27,10 @@ from runner.mcp import audit
 from runner.mcp.app import LOOPBACK_ONLY, URL_PATH, build_app
 from runner.mcp.auth import check_token
 from runner.mcp.builtin import ResultSlot, builtin_tools
+from runner.mcp.errors import ToolFailure, ToolSpecError, root_cause
 from runner.mcp.limits import CallGate, Refusal
 from runner.mcp.listener import EmbeddedServer, bind_unix_socket
-from runner.mcp.tools import PythonTool, RunTool, ToolFailure, ToolSpecError, resolve_callable
+from runner.mcp.tools import PythonTool, RunTool, resolve_callable
 from runner.mcp.upstream import open_upstream
 from runner.policy.models import McpPolicy
 
@@ -155,9 +156,17 @@ class RunMcpServer:
         return tools
 
     async def _serve(self, local: list[RunTool], manager: StreamableHTTPSessionManager) -> None:
+        try:
+            await self._serve_in_stack(local, manager)
+        except BaseExceptionGroup as group:
+            raise root_cause(group) from None
+
+    async def _serve_in_stack(
+        self, local: list[RunTool], manager: StreamableHTTPSessionManager
+    ) -> None:
         assert self._http is not None
+        # Everything entered here is left in this same task, as the SDK's task groups need.
         async with AsyncExitStack() as stack:
-            # Everything entered here is left in this same task, as the SDK's task groups need.
             tools = list(local)
             errlog = None
             if self._upstream_log is not None and self._policy.servers:

@@ -16,19 +16,7 @@ from pydantic import ValidationError
 
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools.base import Tool as SdkTool
-from runner.errors import BadInput
-
-
-class ToolSpecError(BadInput, ValueError):
-    """A tool entry that cannot be turned into a tool (bad input: exit code 2)."""
-
-
-class ToolFailure(Exception):
-    """A failed call whose message is meant for the agent to read.
-
-    Anything else a tool raises reaches the agent only as its exception type: the text of
-    an unexpected host-side exception (paths, connection strings) stays in the host's log.
-    """
+from runner.mcp.errors import ToolFailure, ToolSpecError
 
 
 class RunTool(Protocol):

@@ -21,7 +21,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.shared.exceptions import MCPError
 from runner.errors import NotReady
-from runner.mcp.tools import ToolFailure, ToolSpecError
+from runner.mcp.errors import ToolFailure, ToolSpecError, root_cause
 from runner.policy.models import McpServerPolicy
 
 # A server that keeps returning cursors must not hang the run's start.
@@ -40,13 +40,6 @@ def upstream_label(spec: McpServerPolicy) -> str:
     port = f":{parts.port}" if parts.port else ""
     # Userinfo and query strings are where URLs carry secrets; neither goes in the log.
     return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    # Task groups in the SDK wrap a failed start in exception groups; the leaf says why.
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
 
 
 @dataclass(frozen=True)
@@ -98,7 +91,7 @@ async def open_upstream(
         await stack.enter_async_context(client)
         listed = await _list_tools(client)
     except Exception as exc:
-        cause = _root_cause(exc)
+        cause = root_cause(exc)
         raise NotReady(
             f"upstream MCP server {label} is not available: {type(cause).__name__}: {cause}"
         ) from exc
