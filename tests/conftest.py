@@ -1,0 +1,157 @@
+"""Shared fixtures: the real engine, the `airlock` CLI, canary listeners, probes.
+
+Every test here runs against the real Docker Engine and the real images; nothing about
+the boundary is mocked. Tests that need the engine skip only when it is not there at
+all, which `make test` rules out by provisioning one first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBES = Path(__file__).resolve().parent / "probes"
+AIRLOCK = [sys.executable, "-m", "runner.cli"]
+RUNTIMES = ["runc", "runsc"]
+
+
+def engine_available() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=5).ping()
+        return True
+    except Exception:
+        return False
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+    run_dir: Path | None
+
+    @property
+    def report(self) -> dict:
+        assert self.run_dir is not None, self.stderr
+        return json.loads((self.run_dir / "report.json").read_text())
+
+    def events(self) -> list[dict]:
+        assert self.run_dir is not None
+        return [json.loads(line) for line in (self.run_dir / "events.jsonl").read_text().splitlines()]
+
+    def probe(self) -> dict:
+        """The last JSON object a probe printed on stdout."""
+        for line in reversed(self.stdout.splitlines()):
+            if line.startswith("{"):
+                return json.loads(line)
+        raise AssertionError(f"no probe output; stdout={self.stdout!r} stderr={self.stderr!r}")
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture
+def airlock(runs_dir: Path):
+    """Run the real CLI; return its exit code, output and run directory."""
+
+    def call(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
+             input: str | None = None) -> Result:
+        full_env = {**os.environ, "AIRLOCK_RUNS_DIR": str(runs_dir), **(env or {})}
+        before = set(os.listdir(runs_dir))
+        proc = subprocess.run([*AIRLOCK, *args], capture_output=True, text=True, env=full_env,
+                              timeout=timeout, cwd=ROOT, input=input)
+        new = sorted(set(os.listdir(runs_dir)) - before)
+        return Result(proc.returncode, proc.stdout, proc.stderr,
+                      runs_dir / new[-1] if new else None)
+
+    return call
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[object]:
+    if not engine_available():
+        pytest.skip("no Docker Engine answers (run `make engine`)")
+    import docker
+
+    yield docker.from_env()
+
+
+class Canary:
+    """A TCP listener on every host interface (IPv4 and IPv6) that records connections."""
+
+    def __init__(self) -> None:
+        self.hits: list[tuple[str, int]] = []
+        self.v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.v4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.v4.bind(("0.0.0.0", 0))
+        self.port = self.v4.getsockname()[1]
+        self.socks = [self.v4]
+        try:
+            v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            v6.bind(("::", self.port))
+            self.socks.append(v6)
+        except OSError:
+            pass
+        for s in self.socks:
+            s.listen(16)
+            s.settimeout(0.2)
+            threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+        self._stop = False
+
+    def _accept(self, s: socket.socket) -> None:
+        while True:
+            try:
+                conn, addr = s.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.hits.append(addr[:2])
+            conn.close()
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+@pytest.fixture
+def canary() -> Iterator[Canary]:
+    c = Canary()
+    yield c
+    c.close()
+
+
+def write_policy(tmp_path: Path, text: str, name: str = "policy.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After the suite, nothing labelled by Airlock may remain on the engine."""
+    if not engine_available():
+        return
+    import docker
+
+    client = docker.from_env()
+    left = client.containers.list(all=True, filters={"label": "airlock.managed"})
+    left += client.networks.list(filters={"label": "airlock.managed"})  # type: ignore[arg-type]
+    left += client.volumes.list(filters={"label": "airlock.managed"})  # type: ignore[arg-type]
+    if left:
+        sys.stderr.write(f"\nLEFT BEHIND by the suite: {left}\n")
+        session.exitstatus = 1
