@@ -36,7 +36,6 @@ from runner.run.report import RunResult, write_report
 from runner.run.services import ServiceHost
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-BRIDGE_PORTS = {"provider": 41001, "proxy": 41002, "mcp": 41003}
 OUTPUT_EVENT_CAP = 8192  # bytes of output text carried by one agent.output event
 
 
@@ -88,6 +87,8 @@ class Run:
         self._selftest: dict[str, Any] | None = None
         self._agent_exit: int | None = None
         self.result_value: Any = None
+        self.gateway: Any = None
+        self.mcp_server: Any = None
 
     # -- enforcement -----------------------------------------------------------------
 
@@ -205,6 +206,8 @@ class Run:
                 self.log.emit("sandbox.removed", "host")
             if control is not None:
                 control.close()
+            if self.mcp_server is not None:
+                self.result_value = self.mcp_server.result
             services.close()
             if prepared is not None and prepared.copy is not None:
                 try:
