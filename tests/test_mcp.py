@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import httpx2
 import pytest
@@ -227,6 +228,35 @@ async def test_upstream_stops_with_the_server(tmp_path: Path) -> None:
         started = upstream_pids() - before
         assert len(started) == 1
     assert not (upstream_pids() & started)
+
+
+async def test_closing_ends_calls_in_flight_and_records_them(tmp_path: Path) -> None:
+    entered = anyio.Event()
+
+    async def hang() -> str:
+        """Never returns by itself."""
+        entered.set()
+        await anyio.sleep(3600)
+        return "never"
+
+    rec = Recorder()
+    server = RunMcpServer(McpPolicy(), tmp_path / "mcp.sock", "token-of-run-a", rec.log,
+                          Budgets({}, rec.log), python_tools=[hang])
+    await server.start()
+    async with agent(server.socket_path, "token-of-run-a") as client, \
+            anyio.create_task_group() as tg:
+
+        async def call() -> None:
+            with pytest.raises(MCPError):
+                await client.call_tool("hang", {})
+
+        tg.start_soon(call)
+        await entered.wait()
+        with anyio.fail_after(5):
+            await server.aclose()
+    (record,) = rec.of("mcp.call")
+    assert record["tool"] == "hang" and record["ok"] is False and record["error"] == "cancelled"
+    assert rec.of("mcp.stopped")
 
 
 # -- limits ------------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from collections.abc import Callable
 
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from runner.mcp.auth import BearerGuard, RejectHook
 
 URL_PATH = "/mcp"
@@ -21,14 +23,28 @@ LOOPBACK_ONLY = TransportSecuritySettings(
 )
 
 
-def build_app(manager: StreamableHTTPSessionManager, token: str, on_reject: RejectHook) -> ASGIApp:
+def build_app(
+    manager: StreamableHTTPSessionManager,
+    token: str,
+    on_reject: RejectHook,
+    accepting: Callable[[], bool],
+) -> ASGIApp:
+    """`accepting` turns False when the server is closing: the manager is being left and
+    cannot take requests any more."""
+
     async def route(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].rstrip("/") == URL_PATH:
+        if scope["type"] != "http" or scope["path"].rstrip("/") != URL_PATH:
+            await _empty(send, 404)
+        elif not accepting():
+            await _empty(send, 503)
+        else:
             await manager.handle_request(scope, receive, send)
-            return
-        await send({"type": "http.response.start", "status": 404,
-                    "headers": [(b"content-length", b"0")]})
-        await send({"type": "http.response.body", "body": b""})
 
     # The token is checked before routing: any request without it, on any path, is recorded.
     return BearerGuard(route, token, on_reject)
+
+
+async def _empty(send: Send, status: int) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})

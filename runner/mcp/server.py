@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import mcp_types as types
-
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.exceptions import MCPError
+
 from runner.events.budgets import Budgets
 from runner.events.log import EventSink
 from runner.mcp import audit
@@ -37,6 +37,7 @@ from runner.policy.models import McpPolicy
 # Past this many, rejected requests are only counted (in mcp.stopped): a client hammering
 # the socket without the token must not be able to flood the run's log.
 MAX_REJECTION_EVENTS = 100
+MAX_SESSIONS = 32
 
 
 class RunMcpServer:
@@ -67,6 +68,8 @@ class RunMcpServer:
         self._tools: dict[str, RunTool] = {}
         self._http: EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._accepting = True
         self._counts = {"calls": 0, "refused": 0, "unauthorized": 0}
 
     # -- what the orchestrator and the agent adapters read ---------------------------------
@@ -102,9 +105,12 @@ class RunMcpServer:
         # Local tools first, in the caller's frame: a bad entry fails before any process starts.
         local = self._local_tools()
         manager = StreamableHTTPSessionManager(
-            app=self._protocol_server(), security_settings=LOOPBACK_ONLY
+            app=self._protocol_server(), security_settings=LOOPBACK_ONLY,
+            # One agent needs a session or two; each costs the host a task and buffers.
+            max_sessions=MAX_SESSIONS,
         )
-        self._http = EmbeddedServer(build_app(manager, self._token, self._rejected))
+        app = build_app(manager, self._token, self._rejected, lambda: self._accepting)
+        self._http = EmbeddedServer(app)
         self._task = asyncio.create_task(self._serve(local, manager), name="airlock-mcp")
         listening = asyncio.create_task(self._http.listening.wait())
         try:
@@ -130,8 +136,7 @@ class RunMcpServer:
         task, self._task = self._task, None
         if task is None:
             return
-        if self._http is not None:
-            self._http.should_exit = True
+        self._stopping.set()
         error = None
         try:
             await task
@@ -178,11 +183,26 @@ class RunMcpServer:
                                 hidden=upstream.hidden)
                 tools.extend(upstream.exposed)
             self._tools = _by_name(tools)
-            await stack.enter_async_context(manager.run())
             sock = bind_unix_socket(self._socket_path)
             stack.callback(self._socket_path.unlink, missing_ok=True)
             stack.callback(sock.close)
-            await self._http.serve(sockets=[sock])
+            serving: asyncio.Task[None] | None = None
+            try:
+                async with manager.run():
+                    serving = asyncio.create_task(self._http.serve(sockets=[sock]))
+                    stop = asyncio.create_task(self._stopping.wait())
+                    try:
+                        await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        stop.cancel()
+                    # New requests get 503 while leaving the manager ends the sessions.
+                    self._accepting = False
+            finally:
+                # Sessions ended with the manager, and their open streams with them, so the
+                # HTTP server has only idle connections left and stops at once.
+                if serving is not None:
+                    self._http.should_exit = True
+                    await serving
 
     def _protocol_server(self) -> Server[Any]:
         return Server("airlock-run", on_list_tools=self._list_tools, on_call_tool=self._call_tool)

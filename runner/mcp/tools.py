@@ -12,10 +12,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import mcp_types as types
-from pydantic import ValidationError
-
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools.base import Tool as SdkTool
+from pydantic import ValidationError
+
 from runner.mcp.errors import ToolFailure, ToolSpecError
 
 

@@ -16,10 +16,10 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import mcp_types as types
-
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.shared.exceptions import MCPError
+
 from runner.errors import NotReady
 from runner.mcp.errors import ToolFailure, ToolSpecError, root_cause
 from runner.policy.models import McpServerPolicy
