@@ -154,15 +154,12 @@ def images_build(
 ) -> None:
     """Build sandbox images (bootstrapping the Debian root when needed)."""
     from runner.engines.docker_engine import connect
-    from runner.images.build import SPECS, build
-    from runner.images.catalog import load_catalog
+    from runner.images.build import build, spec_for
 
-    load_catalog()
     try:
         engine = connect()
         for name in names or ["base"]:
-            if name not in SPECS:
-                raise AirlockError(f"no image named {name!r} (images: {', '.join(SPECS)})")
+            spec_for(name)
             tag = build(name, engine.client, _progress, force=force)
             typer.echo(tag)
     except AirlockError as exc:

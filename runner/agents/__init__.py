@@ -20,7 +20,26 @@ def _command() -> Agent:
     return CommandAgent()
 
 
+def _lazy(module: str, cls: str) -> Callable[[], Agent]:
+    def make() -> Agent:
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                raise BadInput(f"agent adapter {module} is not part of this installation") from None
+            raise
+        agent: Agent = getattr(mod, cls)()
+        return agent
+
+    return make
+
+
 register("command", _command)
+register("builtin", _lazy("runner.agents.builtin", "BuiltinAgent"))
+register("codex", _lazy("runner.agents.codex", "CodexAgent"))
+register("claude-code", _lazy("runner.agents.claude_code", "ClaudeCodeAgent"))
 
 
 def agent_names() -> list[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from runner.errors import NotReady
 from runner.images.bootstrap import bootstrap_rootfs, rootfs_tag
-from runner.images.hostconfig import custom_ca_bundle
+from runner.images.hostconfig import custom_ca_bundle, debian_mirror
 
 REPO = "airlock"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # runner/
@@ -73,9 +73,19 @@ def _dockerfile(name: str) -> Path:
     return path
 
 
+def spec_for(name: str) -> ImageSpec:
+    if name not in SPECS:
+        from runner.images.catalog import load_catalog
+
+        load_catalog()
+    if name not in SPECS:
+        raise NotReady(f"no image named {name!r} in this installation (images: {', '.join(SPECS)})")
+    return SPECS[name]
+
+
 @cache
 def image_tag(name: str) -> str:
-    spec = SPECS[name]
+    spec = spec_for(name)
     h = hashlib.sha256()
     h.update((image_tag(spec.parent) if spec.parent else rootfs_tag()).encode())
     h.update(_dockerfile(name).read_bytes())
@@ -92,7 +102,7 @@ def chain(name: str) -> list[str]:
     current: str | None = name
     while current is not None:
         out.append(current)
-        current = SPECS[current].parent
+        current = spec_for(current).parent
     return out[::-1]
 
 
@@ -151,7 +161,9 @@ def _context(spec: ImageSpec, parent_tag: str, progress: Progress) -> tuple[Path
     # Always present, so Dockerfiles can COPY it unconditionally; empty means the
     # host trusts only the image's own bundle.
     (ctx / CA_NAME).write_bytes(ca.read_bytes() if ca else b"")
-    buildargs = {"PARENT": parent_tag, "ROOTFS": parent_tag}
+    # Dockerfiles that install Debian packages use the host's own mirror, never one of ours.
+    buildargs = {"PARENT": parent_tag, "ROOTFS": parent_tag,
+                 "APT_MIRROR": debian_mirror() or "", "CA_FILE": CA_NAME}
     return ctx, buildargs
 
 
@@ -184,7 +196,7 @@ def build(name: str, client, progress: Progress = print, *, force: bool = False)
             progress(f"{tag} is up to date")
         else:
             progress(f"building {tag} ...")
-            ctx, buildargs = _context(SPECS[step], parent_tag, progress)
+            ctx, buildargs = _context(spec_for(step), parent_tag, progress)
             try:
                 _stream_build(client, ctx, tag, buildargs, progress)
             finally:

@@ -1,14 +1,28 @@
-"""The images beyond `base`, registered by the agents that need them."""
+"""The images beyond `base`: one per agent that needs more than python3 and the shim.
+
+Versions are pinned here, so an image's tag (a digest of its inputs) changes exactly
+when what it installs changes.
+"""
 
 from __future__ import annotations
 
-_loaded = False
+from runner.images.build import SPECS, ImageSpec, images_dir, register
+
+CODEX_VERSION = "0.163.0"
+CLAUDE_CODE_VERSION = "2.1.330"
+
+_CANDIDATES = [
+    ImageSpec("builtin", "base",
+              pip=("anthropic>=0.40", "openai>=1.50", "mcp>=1.9", "httpx>=0.27"),
+              description="Airlock's own agent loop with the anthropic, openai and mcp SDKs"),
+    ImageSpec("codex", "base", pip=(f"openai-codex-cli-bin=={CODEX_VERSION}",),
+              description=f"the Codex CLI {CODEX_VERSION}"),
+    ImageSpec("claude-code", "base", npm=(f"@anthropic-ai/claude-code@{CLAUDE_CODE_VERSION}",),
+              description=f"Claude Code {CLAUDE_CODE_VERSION}"),
+]
 
 
 def load_catalog() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    # Agents register their images on import (see runner/agents/).
-    import runner.agents  # noqa: F401
+    for spec in _CANDIDATES:
+        if spec.name not in SPECS and (images_dir() / spec.name / "Dockerfile").is_file():
+            register(spec)
