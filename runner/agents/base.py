@@ -31,11 +31,21 @@ class Agent(ABC):
     image: str = "base"
     # Whether the agent's own exit code is the run's (true for `command`).
     passthrough_exit: bool = False
+    # Paths this agent must be able to write (home, caches, config home), as tmpfs with
+    # their sizes ("256m"); the policy's own tmpfs entries win over these.
+    tmpfs: dict[str, str] = {}  # noqa: RUF012 - read-only class default
 
     @abstractmethod
     def argv(self, ctx: AgentContext) -> list[str]: ...
 
     def env(self, ctx: AgentContext) -> dict[str, str]:
+        return {}
+
+    def files(self, ctx: AgentContext) -> dict[str, str]:
+        """Files the shim writes (mode 0600) before the agent starts: path -> content.
+
+        Paths must be on a tmpfs the sandbox user owns (its home, say): this is how an
+        adapter hands its agent a generated configuration and nothing else."""
         return {}
 
     def parse_line(self, stream: str, line: str) -> list[AgentEvent]:

@@ -14,7 +14,7 @@ from typing import Any
 from runner.events.log import Event
 
 NOTABLE_PREFIXES = ("provider.refused", "proxy.refused", "mcp.refused", "budget.", "selftest",
-                    "policy.widened", "run.error", "control.refused", "agent.step",
+                    "policy.widened", "control.refused", "agent.step",
                     "mcp.call", "provider.request", "workspace.patch")
 
 

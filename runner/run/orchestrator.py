@@ -22,7 +22,7 @@ from typing import Any
 
 from runner.agents import Agent, AgentContext
 from runner.engines import Engine, Sandbox, get_engine
-from runner.errors import AirlockError, ExitCode, NotReady
+from runner.errors import AirlockError, BadInput, ExitCode, NotReady
 from runner.events import BudgetExceeded, Budgets, Event, EventLog
 from runner.images.build import image_tag
 from runner.policy.compile import RUN_DIR_IN_SANDBOX, SandboxInputs, container_spec
@@ -37,6 +37,16 @@ from runner.run.services import ServiceHost
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_EVENT_CAP = 8192  # bytes of output text carried by one agent.output event
+
+
+def with_agent_tmpfs(policy: Policy, agent: Agent) -> Policy:
+    """The agent's writable paths added as tmpfs, unless the policy sizes them itself."""
+    missing = {k: v for k, v in agent.tmpfs.items() if k not in policy.filesystem.tmpfs}
+    if not missing:
+        return policy
+    data = policy.model_dump(mode="json")
+    data["filesystem"]["tmpfs"].update(missing)
+    return Policy.model_validate(data)
 
 
 def new_run_id() -> str:
@@ -67,7 +77,7 @@ class RunOptions:
 class Run:
     def __init__(self, options: RunOptions) -> None:
         self.o = options
-        self.policy = options.policy
+        self.policy = with_agent_tmpfs(options.policy, options.agent)
         self.run_id = new_run_id()
         self.dir = (options.runs_dir or runs_dir()) / self.run_id
         self.dir.mkdir(parents=True, exist_ok=False, mode=0o700)
@@ -164,7 +174,7 @@ class Run:
             bridges, endpoints = self._start_services(services, run_dir)
             control = ControlServer(run_dir / "control.sock", self._on_control,
                                     lambda: self.log.emit("control.refused", "host"))
-            ctx = AgentContext(policy=p, task=self.o.task, model=self.o.model,
+            ctx = AgentContext(policy=p, task=self.o.task, model=self._model(),
                                endpoints=endpoints,
                                workspace=WORKSPACE_PATH if prepared.host_path else None)
             env = self._agent_env(agent, ctx)
@@ -176,6 +186,7 @@ class Run:
                 "bridges": bridges,
                 "control": f"{RUN_DIR_IN_SANDBOX}/control.sock",
                 "selftest": self._selftest_config(bridges) if p.readiness.selftest else None,
+                "files": agent.files(ctx),
             }
             (run_dir / "shim.json").write_text(json.dumps(shim_cfg))
             spec = container_spec(p, SandboxInputs(
@@ -244,6 +255,21 @@ class Run:
         self.log.close()
         write_report(result)
         return result
+
+    def _model(self) -> str | None:
+        """The full model id for the agent: a role, alias or id the policy allows."""
+        provider = self.policy.provider
+        if provider is None:
+            return self.o.model
+        wanted = self.o.model or "default"
+        resolved = provider.resolve_model(wanted)
+        if resolved is None:
+            if self.o.model is None and not provider.models:
+                return None  # no roles configured: the agent's own default applies
+            allowed = ", ".join(sorted({*provider.models, *provider.allowed_models()}))
+            raise BadInput(f"model {wanted!r} is not allowed by the policy "
+                           f"(allowed: {allowed or 'none configured'})")
+        return resolved
 
     def _classify(self, agent: Agent, code: int, oom: bool) -> tuple[int, str, str]:
         reason = self._end_reason

@@ -7,6 +7,7 @@ JSON file the host writes into the read-only run directory, `/run/airlock/shim.j
     {"run_id": "...", "argv": ["cmd", ...], "env": {...}, "cwd": "/workspace",
      "bridges": [{"name": "provider", "port": 41001, "socket": "/run/airlock/provider.sock"}],
      "control": "/run/airlock/control.sock" | null,
+     "files": {"/home/airlock/.config/x.toml": "..."},
      "selftest": {...} | null}
 
 Order: listen on every bridge port (so the agent never races them), connect the
@@ -88,6 +89,14 @@ def start_bridges(bridges: list[dict]) -> list[socket.socket]:
     return listeners
 
 
+def write_files(files: dict[str, str]) -> None:
+    for path, content in files.items():
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(content)
+
+
 class Control:
     """The line-delimited JSON channel to the host; its loss is the dead-man signal."""
 
@@ -144,6 +153,13 @@ def main(argv: list[str]) -> int:
                 if not check["ok"]:
                     sys.stderr.write(f"  {check['name']}: {check['detail']}\n")
             return 3
+
+    try:
+        write_files(cfg.get("files") or {})
+    except OSError as exc:
+        sys.stderr.write(f"airlock: cannot write the agent's configuration: {exc}\n")
+        control.send(type="agent.exit", code=126, error=str(exc))
+        return 126
 
     env = {str(k): str(v) for k, v in (cfg.get("env") or {}).items()}
     try:
