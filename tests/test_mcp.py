@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import shlex
 import stat
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -122,16 +123,30 @@ def text_of(result: Any) -> str:
     return " ".join(getattr(block, "text", "") for block in result.content)
 
 
-def upstream_pids() -> set[int]:
+def pids_running(marker: str) -> set[int]:
+    """Processes whose command line contains `marker`."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if str(UPSTREAM).encode() in (entry / "cmdline").read_bytes():
+                if marker.encode() in (entry / "cmdline").read_bytes():
                     pids.add(int(entry.name))
             except OSError:
                 continue
     return pids
+
+
+@pytest.fixture
+def http_upstream() -> Iterator[int]:
+    """The fixture upstream serving Streamable HTTP on loopback; yields its port."""
+    proc = subprocess.Popen([sys.executable, str(UPSTREAM), "--http"], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        yield int(proc.stdout.readline())
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def stdio(command: str, *enabled: str) -> McpServerPolicy:
@@ -223,11 +238,39 @@ async def test_python_tool_that_raises_hides_its_message_from_the_agent(tmp_path
 
 
 async def test_upstream_stops_with_the_server(tmp_path: Path) -> None:
-    before = upstream_pids()
+    before = pids_running(str(UPSTREAM))
     async with serving(tmp_path, FULL_POLICY):
-        started = upstream_pids() - before
+        started = pids_running(str(UPSTREAM)) - before
         assert len(started) == 1
-    assert not (upstream_pids() & started)
+    assert not (pids_running(str(UPSTREAM)) & started)
+
+
+async def test_upstream_reached_by_url_is_filtered_too(tmp_path: Path, http_upstream: int) -> None:
+    # Userinfo and query are where a URL carries credentials: they stay out of the log.
+    url = f"http://user:pw@127.0.0.1:{http_upstream}/mcp?key=sekrit"
+    policy = McpPolicy(servers=[McpServerPolicy.model_validate(
+        {"url": url, "enabled_tools": ["echo"]})])
+    async with serving(tmp_path, policy) as (server, rec), \
+            agent(server.socket_path, "token-of-run-a") as client:
+        assert [t.name for t in (await client.list_tools()).tools] == ["echo"]
+        assert text_of(await client.call_tool("echo", {"text": "web"})) == "upstream says web"
+        with pytest.raises(MCPError, match="Unknown tool"):
+            await client.call_tool("explode", {"reason": "not enabled"})
+    (up,) = rec.of("mcp.upstream")
+    assert up["server"] == f"http://127.0.0.1:{http_upstream}/mcp"
+    assert up["hidden"] == ["admin_reset", "explode"]
+    assert "sekrit" not in str([e.data for e in rec.events])
+
+
+async def test_an_upstream_that_never_answers_times_out_and_is_stopped(tmp_path: Path) -> None:
+    marker = f"mcp-silent-{os.getpid()}"
+    silent = f"{shlex.quote(sys.executable)} -c 'import time; time.sleep(60)' {marker}"
+    server = RunMcpServer(McpPolicy(servers=[stdio(silent, "x")]), tmp_path / "mcp.sock",
+                          "token-of-run-a", Recorder().log, Budgets({}), start_timeout=1.0)
+    with pytest.raises(NotReady, match="did not start within 1s"):
+        await server.start()
+    assert not pids_running(marker)
+    assert not (tmp_path / "mcp.sock").exists()
 
 
 async def test_closing_ends_calls_in_flight_and_records_them(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.exceptions import MCPError
 
+from runner.errors import NotReady
 from runner.events.budgets import Budgets
 from runner.events.log import EventSink
 from runner.mcp import audit
@@ -38,6 +39,7 @@ from runner.policy.models import McpPolicy
 # the socket without the token must not be able to flood the run's log.
 MAX_REJECTION_EVENTS = 100
 MAX_SESSIONS = 32
+START_TIMEOUT_S = 20.0
 
 
 class RunMcpServer:
@@ -53,9 +55,11 @@ class RunMcpServer:
         *,
         python_tools: Sequence[Callable[..., Any]] = (),
         upstream_log: Path | None = None,
+        start_timeout: float = START_TIMEOUT_S,
     ) -> None:
         """`upstream_log`: a file (appended to) for the stderr of upstream servers the host
-        starts, instead of the host's own stderr."""
+        starts, instead of the host's own stderr. `start_timeout`: how long upstream servers
+        may take to start and list their tools."""
         check_token(token)
         self._policy = mcp
         self._socket_path = Path(socket_path)
@@ -63,6 +67,7 @@ class RunMcpServer:
         self._sink = sink
         self._python_tools = list(python_tools)
         self._upstream_log = upstream_log
+        self._start_timeout = start_timeout
         self._gate = CallGate(budgets, mcp.per_tool_calls)
         self._slot = ResultSlot()
         self._tools: dict[str, RunTool] = {}
@@ -114,8 +119,12 @@ class RunMcpServer:
         self._task = asyncio.create_task(self._serve(local, manager), name="airlock-mcp")
         listening = asyncio.create_task(self._http.listening.wait())
         try:
-            await asyncio.wait({self._task, listening}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # cancelled while starting: take the half-started server down
+            await asyncio.wait({self._task, listening}, timeout=self._start_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not self._task.done() and not listening.done():
+                raise NotReady(f"the run's MCP server did not start within "
+                               f"{self._start_timeout:g}s (an upstream server hangs?)")
+        except BaseException:  # cancelled or too slow: take the half-started server down
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None

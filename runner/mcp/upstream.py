@@ -82,11 +82,11 @@ async def open_upstream(
         if not argv:
             raise ToolSpecError("an upstream MCP server has an empty command")
         params = StdioServerParameters(command=argv[0], args=argv[1:])
-        transport = stdio_client(params, errlog=errlog or sys.stderr)
-        # No response cache: the listing is read once, here, and must be the upstream's own.
-        client = Client(transport, cache=None)
+        target: Any = stdio_client(params, errlog=errlog or sys.stderr)
     else:
-        client = Client(spec.url or "", cache=None)
+        target = spec.url or ""
+    # No response cache: the listing is read once, here, and must be the upstream's own.
+    client = Client(target, cache=None)
     try:
         await stack.enter_async_context(client)
         listed = await _list_tools(client)
