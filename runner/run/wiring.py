@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.errors import AirlockError, NotReady
+from runner.errors import AirlockError, BadInput, NotReady
 from runner.run.services import ServiceHost
 
 if TYPE_CHECKING:
@@ -58,7 +58,10 @@ def start_services(run: Run, host: ServiceHost, run_dir: Path
     if policy.network.mode == "proxy":
         from runner.gateway.proxy import EgressProxy, agent_env
 
-        proxy = EgressProxy(policy.network, run_dir / "proxy.sock", run.log)
+        try:
+            proxy = EgressProxy(policy.network, run_dir / "proxy.sock", run.log)
+        except ValueError as exc:
+            raise BadInput(f"network: {exc}") from None
         _start(host, proxy, "egress proxy")
         bridges.append(_bridge("proxy"))
         env.update(agent_env(_url("proxy")))
