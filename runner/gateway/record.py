@@ -55,6 +55,7 @@ class Exchange:
     body_sha256: str
     request_headers: dict[str, str]
     request_body: Any
+    requested_model: str | None = None  # as the agent named it (a role or an alias)
     status: int = 0
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     chunks: list[tuple[float, bytes]] = field(default_factory=list)
@@ -72,7 +73,8 @@ class Exchange:
                 chunks.append({"t": t, "b64": base64.b64encode(data).decode()})
         return {
             "seq": self.seq, "method": self.method, "path": self.path, "query": self.query,
-            "model": self.model, "stream": self.stream, "body_sha256": self.body_sha256,
+            "model": self.model, "requested_model": self.requested_model,
+            "stream": self.stream, "body_sha256": self.body_sha256,
             "request": {"headers": self.request_headers, "body": self.request_body},
             "response": {"status": self.status,
                          "headers": [list(h) for h in self.response_headers],
@@ -90,7 +92,8 @@ class Exchange:
             model=d.get("model"), stream=bool(d.get("stream")),
             body_sha256=d.get("body_sha256", ""),
             request_headers=d["request"].get("headers", {}),
-            request_body=d["request"].get("body"), status=d["response"]["status"],
+            request_body=d["request"].get("body"), requested_model=d.get("requested_model"),
+            status=d["response"]["status"],
             response_headers=[(k, v) for k, v in d["response"]["headers"]], chunks=chunks)
 
 
@@ -176,8 +179,12 @@ class Replayer:
         self._lock = threading.Lock()
 
     @property
-    def models(self) -> set[str]:
-        return {e.model for e in self.exchanges if e.model}
+    def models(self) -> dict[str, str]:
+        """Every name the recorded run used for a model, to its full id."""
+        out = {e.requested_model: e.model for e in self.exchanges
+               if e.model and e.requested_model}
+        out.update({e.model: e.model for e in self.exchanges if e.model})
+        return out
 
     @property
     def position(self) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ class _Call:
     ttfb: float | None = None
     bytes_out: int = 0
     error: str | None = None
+    settled: bool = False
 
 
 class ProviderGateway:
@@ -243,8 +244,9 @@ class ProviderGateway:
         p = self.provider
         resolved = p.resolve_model(name)
         if resolved is None and self._replayer is not None and not p.allowed_models():
-            # A replay policy without models allows what the recording used.
-            resolved = name if name in self._replayer.models else None
+            # A replay policy without models allows what the recording used, by the
+            # names the recorded agent used.
+            resolved = self._replayer.models.get(name)
         if resolved is None and self.api_backend == "ollama":
             alt = name[: -len(":latest")] if name.endswith(":latest") else (
                 f"{name}:latest" if ":" not in name else None)
@@ -282,7 +284,8 @@ class ProviderGateway:
         exchange = None
         if self._recorder is not None:
             exchange = Exchange(self._seq, req.method, req.path, query, call.model, call.stream,
-                                body_hash(req.body), recordable_headers(req.headers), body)
+                                body_hash(req.body), recordable_headers(req.headers), body,
+                                requested_model=call.requested_model)
         if self._replayer is not None:
             return self._replay(req, call, route, exchange)
         return await self._forward(req, call, route, body, query, exchange)
@@ -331,11 +334,14 @@ class ProviderGateway:
         if exchange is not None:
             exchange.status, exchange.response_headers = upstream.status_code, out_headers
 
+        def settle() -> None:
+            self._finish(call, upstream.status_code, meter, request_id, exchange)
+
         async def finalise(error: BaseException | None) -> None:
             await upstream.aclose()
             if error is not None and call.error is None:
                 call.error = f"client went away: {type(error).__name__}"
-            self._finish(call, upstream.status_code, meter, request_id, exchange)
+            settle()
 
         if route.lists_models and upstream.status_code == 200:
             raw = b""
@@ -354,12 +360,18 @@ class ProviderGateway:
             return Response(upstream.status_code, out_headers, data, finalise)
 
         return Response(upstream.status_code, out_headers,
-                        self._relay(upstream.aiter_bytes(), call, meter, secrets, exchange),
-                        finalise)
+                        self._relay(upstream.aiter_bytes(), call, meter, secrets, exchange,
+                                    settle), finalise)
 
     async def _relay(self, chunks: AsyncIterator[bytes], call: _Call, meter: UsageMeter,
-                     secrets: list[str], exchange: Exchange | None) -> AsyncIterator[bytes]:
-        """Pass chunks on as they come; meter, scrub and record them on the way."""
+                     secrets: list[str], exchange: Exchange | None,
+                     settle: Callable[[], None]) -> AsyncIterator[bytes]:
+        """Pass chunks on as they come; meter, scrub and record them on the way.
+
+        `settle` (event, tokens charged, recording) runs when the upstream is done and
+        before the agent gets the end of the response, so an agent never sees a
+        completed answer whose tokens are not yet on the budget.
+        """
         scrub = Scrubber(secrets)
         try:
             async for chunk in chunks:
@@ -383,6 +395,7 @@ class ProviderGateway:
             if exchange is not None:
                 exchange.add_chunk(tail)
             yield tail
+        settle()
 
     def _filter_listing(self, route: Route, raw: bytes) -> bytes:
         """Model listings show only the models the policy allows (a courtesy: the
@@ -422,13 +435,16 @@ class ProviderGateway:
             for _t, data in recorded.chunks:
                 yield data
 
+        def settle() -> None:
+            self._finish(call, recorded.status, meter, None, exchange, replay=replay_info)
+
         async def finalise(error: BaseException | None) -> None:
             if error is not None and call.error is None:
                 call.error = f"client went away: {type(error).__name__}"
-            self._finish(call, recorded.status, meter, None, exchange, replay=replay_info)
+            settle()
 
         return Response(recorded.status, list(recorded.response_headers),
-                        self._relay(chunks(), call, meter, [], exchange), finalise)
+                        self._relay(chunks(), call, meter, [], exchange, settle), finalise)
 
     # -- accounting -----------------------------------------------------------------
 
@@ -437,6 +453,9 @@ class ProviderGateway:
 
     def _finish(self, call: _Call, status: int, meter: UsageMeter, request_id: str | None,
                 exchange: Exchange | None, replay: dict[str, Any] | None = None) -> None:
+        if call.settled:  # once, at the end of the stream or when the exchange is cut
+            return
+        call.settled = True
         usage = meter.finish()
         self._emit_request(call, status, usage.as_event(), request_id, replay=replay)
         if exchange is not None and self._recorder is not None:

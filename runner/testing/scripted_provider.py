@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import signal
 import sys
 import threading
@@ -41,6 +42,10 @@ from urllib.parse import urlsplit
 
 from runner.testing import wire
 from runner.testing.wire import Turn, parse_turn
+
+# Anthropic on Vertex AI: the model is in the path, the verb says whether to stream.
+VERTEX_PATH = re.compile(r"/v1/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/"
+                         r"(?P<model>[^/:]+):(?P<verb>streamRawPredict|rawPredict)")
 
 GENERATION_PATHS = {
     "/v1/messages": "anthropic",
@@ -63,6 +68,10 @@ class RecordedRequest:
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
+
+    @property
+    def is_generation(self) -> bool:
+        return self.path in GENERATION_PATHS or bool(VERTEX_PATH.fullmatch(self.path))
 
     @property
     def tool_names(self) -> list[str]:
@@ -149,7 +158,7 @@ class ScriptedProvider:
             self._turns.extend(parse_turn(t) for t in turns)
 
     def generation_requests(self) -> list[RecordedRequest]:
-        return [r for r in self.requests if r.path in GENERATION_PATHS]
+        return [r for r in self.requests if r.is_generation]
 
     def _record(self, req: RecordedRequest) -> None:
         with self._lock:
@@ -275,6 +284,14 @@ class _Handler(BaseHTTPRequestHandler):
                              "model_info": {}, "capabilities": ["completion", "tools"]})
             return
         kind = GENERATION_PATHS.get(path)
+        vertex = VERTEX_PATH.fullmatch(path)
+        if vertex and isinstance(body, dict):
+            if vertex["model"] == "count-tokens":
+                self._json(200, {"input_tokens": max(1, len(raw) // 4)})
+                return
+            kind, model = "anthropic", vertex["model"]
+            body = {**body, "stream": vertex["verb"] == "streamRawPredict"}
+            style = "anthropic"
         if kind is None or not isinstance(body, dict):
             self._error(style, 404 if kind is None else 400,
                         f"scripted provider: no route POST {path}" if kind is None
@@ -334,7 +351,7 @@ class _Handler(BaseHTTPRequestHandler):
 def _style(path: str) -> str:
     if path.startswith("/api/"):
         return "ollama"
-    if path.startswith("/v1/messages"):
+    if path.startswith(("/v1/messages", "/v1/projects/")):
         return "anthropic"
     return "openai"
 

@@ -1,0 +1,633 @@
+"""The provider gateway on the host: no Docker needed.
+
+Clients talk to the gateway's unix socket, as the in-sandbox shim does; the official
+SDKs use an httpx client with a uds transport. The upstream is the scripted provider,
+speaking the real wire protocols.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx2
+import openai
+import pytest
+
+from runner.events.budgets import BudgetExceeded, Budgets
+from runner.events.log import Event, EventLog
+from runner.gateway import PLACEHOLDER_KEY, CredentialError, ProviderGateway
+from runner.policy.models import ProviderPolicy
+from runner.testing import LoopThread, ScriptedProvider
+
+KEY = "sk-real-key-0123456789abcdef"
+BASE = "http://127.0.0.1:8011"  # what the agent inside would use; the uds decides
+
+
+class Harness:
+    """A gateway on its own loop thread, its events, and clients for its socket."""
+
+    def __init__(self, loop: LoopThread, sockdir: Path, provider: ProviderPolicy, *,
+                 budgets: dict[str, int | None] | None = None, record: Path | None = None,
+                 environ: dict[str, str] | None = None, name: str = "gw") -> None:
+        self.events: list[Event] = []
+        self.log = EventLog(None, f"run-{name}")
+        self.log.subscribe(self.events.append)
+        self.tripped: list[BudgetExceeded] = []
+        self.budgets = Budgets(budgets or {}, self.log, on_exceeded=self.tripped.append)
+        self.socket = sockdir / f"{name}.sock"
+        self.loop = loop
+        self.gateway = ProviderGateway(provider, self.socket, self.log, self.budgets,
+                                       record_path=record,
+                                       environ={"PROVIDER_KEY": KEY} if environ is None
+                                       else environ)
+        loop.run(self.gateway.start())
+        self.http = httpx2.Client(transport=httpx2.HTTPTransport(uds=str(self.socket)),
+                                  base_url=BASE, timeout=30)
+
+    def anthropic(self) -> anthropic.Anthropic:
+        return anthropic.Anthropic(base_url=BASE, api_key=PLACEHOLDER_KEY, http_client=self.http,
+                                   max_retries=0)
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=BASE + "/v1", api_key=PLACEHOLDER_KEY,
+                             http_client=self.http, max_retries=0)
+
+    def of(self, etype: str) -> list[dict[str, Any]]:
+        return [e.data for e in self.events if e.type == etype]
+
+    def close(self) -> None:
+        self.http.close()
+        self.loop.run(self.gateway.aclose())
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    with LoopThread() as lt:
+        yield lt
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    # Short, as AF_UNIX paths must be; pytest's tmp_path can be too long.
+    d = Path(tempfile.mkdtemp(prefix="airlock-gw-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def harnesses(loop: LoopThread, sockdir: Path) -> Iterator[list[Harness]]:
+    made: list[Harness] = []
+    yield made
+    for h in made:
+        h.close()
+
+
+def anthropic_policy(url: str, **kw: Any) -> ProviderPolicy:
+    return ProviderPolicy(backend="anthropic", base_url=url, api_key_env="PROVIDER_KEY",
+                          models={"default": "claude-sonnet-4-5", "triage": "claude-haiku-4-5"},
+                          aliases={"sonnet": "claude-sonnet-4-5"}, **kw)
+
+
+def openai_policy(url: str, backend: str = "openai", **kw: Any) -> ProviderPolicy:
+    return ProviderPolicy(backend=backend, base_url=url + "/v1", api_key_env="PROVIDER_KEY",
+                          models={"default": "gpt-5"}, aliases={"mini": "gpt-5-mini"}, **kw)
+
+
+def make(harnesses: list[Harness], loop: LoopThread, sockdir: Path, provider: ProviderPolicy,
+         **kw: Any) -> Harness:
+    h = Harness(loop, sockdir, provider, **kw)
+    harnesses.append(h)
+    return h
+
+
+def assert_key_stayed_out(h: Harness, up: ScriptedProvider,
+                          responses: list[httpx2.Response]) -> None:
+    for r in up.requests:
+        assert PLACEHOLDER_KEY not in json.dumps(r.headers)
+    for resp in responses:
+        assert KEY not in resp.text
+        assert KEY not in json.dumps(dict(resp.headers))
+    assert KEY not in json.dumps([e.to_dict() for e in h.events])
+
+
+# -- the official SDKs through the gateway -------------------------------------------
+
+def test_anthropic_sdk_stream_and_plain(harnesses: list[Harness], loop: LoopThread,
+                                        sockdir: Path) -> None:
+    script = [{"text": "Hello from upstream", "usage": {"cache_read_tokens": 7}},
+              {"tool": "get_weather", "arguments": {"city": "Paris"}}]
+    with ScriptedProvider(script, api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, anthropic_policy(up.url))
+        client = h.anthropic()
+        with client.messages.stream(model="sonnet", max_tokens=64,
+                                    messages=[{"role": "user", "content": "hi"}]) as stream:
+            text = stream.get_final_text()
+            final = stream.get_final_message()
+        assert text == "Hello from upstream"
+        assert final.usage.cache_read_input_tokens == 7
+        msg = client.messages.create(model="claude-sonnet-4-5", max_tokens=64,
+                                     messages=[{"role": "user", "content": "weather?"}])
+        assert msg.stop_reason == "tool_use"
+        assert msg.content[0].type == "tool_use" and msg.content[0].input == {"city": "Paris"}
+
+        # the upstream saw the real key and the full model id, never the placeholder
+        assert [r.header("x-api-key") for r in up.requests] == [KEY, KEY]
+        assert [r.body["model"] for r in up.requests] == ["claude-sonnet-4-5"] * 2
+        assert all(r.header("authorization") is None for r in up.requests)
+
+        reqs = h.of("provider.request")
+        assert [(r["stream"], r["status"], r["stop_reason"]) for r in reqs] == [
+            (True, 200, "end_turn"), (False, 200, "tool_use")]
+        first = reqs[0]
+        assert first["model"] == "claude-sonnet-4-5" and first["requested_model"] == "sonnet"
+        assert first["cache_read_tokens"] == 7
+        assert first["input_tokens"] > 7  # normalised: cached tokens are part of the input
+        assert first["output_tokens"] > 0 and first["bytes_out"] > 0 and first["latency_ms"] > 0
+        assert h.budgets.used["requests"] == 2
+        assert h.budgets.used["tokens"] == sum(r["input_tokens"] + r["output_tokens"]
+                                               for r in reqs)
+        raw = h.http.post("/v1/messages", json={"model": "sonnet", "max_tokens": 5,
+                                                "messages": []})
+        assert raw.status_code == 400  # the script is exhausted: the upstream's own error
+        assert_key_stayed_out(h, up, [raw])
+
+
+def test_openai_sdk_responses_stream_and_plain(harnesses: list[Harness], loop: LoopThread,
+                                               sockdir: Path) -> None:
+    script = [{"tool": "exec_command", "arguments": {"cmd": "ls"}}, {"text": "all done"}]
+    with ScriptedProvider(script, api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, openai_policy(up.url))
+        client = h.openai()
+        stream = client.responses.create(model="gpt-5", input="list files", stream=True)
+        types = [ev.type for ev in stream]
+        assert types[0] == "response.created" and types[-1] == "response.completed"
+        assert "response.output_item.done" in types
+        resp = client.responses.create(model="gpt-5", input="and now?")
+        assert resp.output_text == "all done"
+        assert [r.header("authorization") for r in up.requests] == [f"Bearer {KEY}"] * 2
+        assert [r.path for r in up.requests] == ["/v1/responses"] * 2
+        reqs = h.of("provider.request")
+        assert [r["stop_reason"] for r in reqs] == ["completed", "completed"]
+        assert all(r["input_tokens"] and r["output_tokens"] for r in reqs)
+
+
+def test_openai_sdk_chat_stream_and_plain(harnesses: list[Harness], loop: LoopThread,
+                                          sockdir: Path) -> None:
+    script = [{"text": "streamed chat reply"}, {"tool": "f", "arguments": {"a": 1}}]
+    with ScriptedProvider(script, api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, openai_policy(up.url))
+        client = h.openai()
+        chunks = list(client.chat.completions.create(
+            model="mini", messages=[{"role": "user", "content": "x"}], stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            "streamed chat reply"
+        plain = client.chat.completions.create(model="gpt-5",
+                                               messages=[{"role": "user", "content": "x"}])
+        assert plain.choices[0].message.tool_calls[0].function.name == "f"
+        # the gateway asked for the usage chunk, so the stream's tokens were counted
+        assert up.requests[0].body["stream_options"] == {"include_usage": True}
+        assert up.requests[0].body["model"] == "gpt-5-mini"
+        reqs = h.of("provider.request")
+        assert [r["stop_reason"] for r in reqs] == ["stop", "tool_calls"]
+        assert reqs[0]["output_tokens"] and reqs[0]["input_tokens"]
+
+
+def test_openai_compatible_and_model_listing(harnesses: list[Harness], loop: LoopThread,
+                                             sockdir: Path) -> None:
+    with ScriptedProvider([{"text": "hi"}], api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, openai_policy(up.url, backend="openai-compatible"))
+        ids = [m.id for m in h.openai().models.list()]
+        assert ids == ["gpt-5", "gpt-5-mini"]  # only what the policy allows
+        assert h.http.get("/v1/models/gpt-5").json()["id"] == "gpt-5"
+        assert h.http.get("/v1/models/claude-haiku-4-5").status_code == 403
+
+
+def test_ollama_native_ndjson_and_openai_path(harnesses: list[Harness], loop: LoopThread,
+                                              sockdir: Path) -> None:
+    with ScriptedProvider([{"text": "one two three"}, {"text": "gen"}, {"text": "v1"}]) as up:
+        provider = ProviderPolicy(backend="ollama", base_url=up.url, models={"default": "llama3"})
+        h = make(harnesses, loop, sockdir, provider, environ={})
+        with h.http.stream("POST", "/api/chat", json={"model": "llama3", "messages": [
+                {"role": "user", "content": "count"}]}) as resp:
+            assert resp.headers["content-type"] == "application/x-ndjson"
+            lines = [json.loads(x) for x in resp.iter_lines() if x]
+        assert "".join(x["message"]["content"] for x in lines) == "one two three"
+        assert lines[-1]["done"] is True
+        gen = h.http.post("/api/generate", json={"model": "llama3:latest", "prompt": "x",
+                                                 "stream": False}).json()
+        assert gen["response"] == "gen"
+        v1 = h.openai().chat.completions.create(model="llama3",
+                                                messages=[{"role": "user", "content": "x"}])
+        assert v1.choices[0].message.content == "v1"
+        tags = h.http.get("/api/tags").json()
+        assert [m["name"] for m in tags["models"]] == ["llama3:latest"]
+        assert h.http.post("/api/pull", json={"model": "llama3"}).status_code == 403
+        assert h.http.delete("/api/delete").status_code == 403
+        reqs = h.of("provider.request")
+        assert reqs[0]["stop_reason"] == "stop" and reqs[0]["output_tokens"] == 3
+        assert up.requests[1].body["model"] == "llama3"  # resolved from llama3:latest
+        assert all(r.header("authorization") is None for r in up.requests)
+
+
+def test_vertex_rewrites_path_and_injects_google_token(harnesses: list[Harness],
+                                                       loop: LoopThread, sockdir: Path) -> None:
+    token = "ya29.test-access-token-abcdef"
+    with ScriptedProvider([{"text": "from vertex"}, {"text": "plain"}], api_key=token) as up:
+        provider = ProviderPolicy(backend="vertex", base_url=up.url, project="proj",
+                                  region="us-east5", api_key_env="GOOGLE_TOKEN",
+                                  models={"default": "claude-sonnet-4-5@20250929"},
+                                  aliases={"sonnet": "claude-sonnet-4-5@20250929"})
+        h = make(harnesses, loop, sockdir, provider, environ={"GOOGLE_TOKEN": token})
+        client = h.anthropic()
+        with client.messages.stream(model="sonnet", max_tokens=10,
+                                    messages=[{"role": "user", "content": "hi"}]) as s:
+            assert s.get_final_text() == "from vertex"
+        assert client.messages.create(model="sonnet", max_tokens=10, messages=[
+            {"role": "user", "content": "hi"}]).content[0].text == "plain"
+        prefix = "/v1/projects/proj/locations/us-east5/publishers/anthropic/models/"
+        assert [r.path for r in up.requests] == [
+            prefix + "claude-sonnet-4-5@20250929:streamRawPredict",
+            prefix + "claude-sonnet-4-5@20250929:rawPredict"]
+        assert "model" not in up.requests[0].body
+        assert up.requests[0].body["anthropic_version"] == "vertex-2023-10-16"
+        assert h.of("provider.request")[0]["stop_reason"] == "end_turn"
+
+
+# -- refusals ---------------------------------------------------------------------------
+
+def test_refusals_are_provider_shaped_and_events(harnesses: list[Harness], loop: LoopThread,
+                                                 sockdir: Path) -> None:
+    with ScriptedProvider([{"text": "ok"}] * 3, api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir,
+                 anthropic_policy(up.url, hosted_tools=["web_fetch"], tools=["mcp__run__*"]))
+        client = h.anthropic()
+        msg = [{"role": "user", "content": "hi"}]
+        with pytest.raises(anthropic.PermissionDeniedError) as e1:
+            client.messages.create(model="claude-opus-4", max_tokens=5, messages=msg)
+        assert e1.value.body["error"]["type"] == "permission_error"
+        with pytest.raises(anthropic.PermissionDeniedError):
+            client.messages.create(model="sonnet", max_tokens=5, messages=msg, tools=[
+                {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}])
+        with pytest.raises(anthropic.PermissionDeniedError):
+            client.messages.create(model="sonnet", max_tokens=5, messages=msg, tools=[
+                {"name": "Bash", "input_schema": {"type": "object"}}])
+        mcp = h.http.post("/v1/messages", json={
+            "model": "sonnet", "max_tokens": 5, "messages": msg,
+            "mcp_servers": [{"type": "url", "url": "https://evil.example/mcp", "name": "x"}]})
+        assert mcp.status_code == 403
+        path = h.http.post("/v1/files", json={})
+        assert path.status_code == 403 and path.json()["type"] == "error"
+        method = h.http.get("/v1/messages")
+        query = h.http.post("/v1/messages?redirect=1", json={"model": "sonnet"})
+        # named hosted tools and allowed function tools pass
+        ok = client.messages.create(model="sonnet", max_tokens=5, messages=msg, tools=[
+            {"type": "web_fetch_20250910", "name": "web_fetch"},
+            {"name": "mcp__run__search", "input_schema": {"type": "object"}}])
+        assert ok.content[0].text == "ok"
+        # Claude Code's beta query passes
+        assert h.http.post("/v1/messages?beta=true", json={
+            "model": "sonnet", "max_tokens": 5, "messages": msg}).status_code == 200
+
+        refused = h.of("provider.refused")
+        assert [r["reason"] for r in refused] == [
+            "model_not_allowed", "hosted_tool", "tool_not_allowed", "hosted_tool",
+            "path_not_allowed", "method_not_allowed", "query_not_allowed"]
+        assert refused[1]["tool"] == "web_search_20250305" and refused[3]["tool"] == "mcp_servers"
+        assert all(r["status"] == 403 for r in refused)
+        assert method.status_code == 403 and query.status_code == 403
+        assert len(up.requests) == 2  # nothing refused reached the provider
+        assert h.budgets.used["requests"] == 2  # refusals cost no budget
+
+
+def test_openai_hosted_tools_refused(harnesses: list[Harness], loop: LoopThread,
+                                     sockdir: Path) -> None:
+    with ScriptedProvider([{"text": "fine"}], api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, openai_policy(up.url))
+        client = h.openai()
+        for tool in ({"type": "web_search"}, {"type": "web_search_preview"},
+                     {"type": "code_interpreter", "container": {"type": "auto"}},
+                     {"type": "image_generation"}, {"type": "file_search",
+                                                    "vector_store_ids": ["vs_1"]},
+                     {"type": "mcp", "server_label": "x", "server_url": "https://e.x"},
+                     {"type": "computer_use_preview", "display_width": 1, "display_height": 1,
+                      "environment": "linux"}):
+            with pytest.raises(openai.PermissionDeniedError) as err:
+                client.responses.create(model="gpt-5", input="x", tools=[tool])  # type: ignore[list-item]
+            assert err.value.code == "airlock_hosted_tool"
+        with pytest.raises(openai.PermissionDeniedError):
+            client.chat.completions.create(model="gpt-5", messages=[
+                {"role": "user", "content": "x"}], web_search_options={})
+        ok = client.responses.create(model="gpt-5", input="x", tools=[
+            {"type": "function", "name": "exec_command", "parameters": {"type": "object"}}])
+        assert ok.output_text == "fine"
+        assert [r["reason"] for r in h.of("provider.refused")] == ["hosted_tool"] * 8
+        assert len(up.requests) == 1
+
+
+def test_request_budget_refuses_and_trips(harnesses: list[Harness], loop: LoopThread,
+                                          sockdir: Path) -> None:
+    with ScriptedProvider([{"text": "a"}] * 5, api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, anthropic_policy(up.url), budgets={"requests": 2})
+        client = h.anthropic()
+        msg = [{"role": "user", "content": "hi"}]
+        for _ in range(2):
+            client.messages.create(model="sonnet", max_tokens=5, messages=msg)
+        with pytest.raises(anthropic.RateLimitError) as err:
+            client.messages.create(model="sonnet", max_tokens=5, messages=msg)
+        assert err.value.status_code == 429
+        assert err.value.response.headers["x-should-retry"] == "false"
+        assert len(up.requests) == 2
+        assert h.of("provider.refused")[0]["reason"] == "budget"
+        assert h.of("budget.exceeded")[0]["counter"] == "requests"
+        assert [t.counter for t in h.tripped] == ["requests"]
+
+
+def test_token_budget_trips_after_the_response(harnesses: list[Harness], loop: LoopThread,
+                                               sockdir: Path) -> None:
+    script = [{"text": "a", "usage": {"input_tokens": 40, "output_tokens": 20}}] * 3
+    with ScriptedProvider(script, api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, openai_policy(up.url), budgets={"tokens": 100})
+        client = h.openai()
+        client.responses.create(model="gpt-5", input="1")  # 60 tokens
+        client.responses.create(model="gpt-5", input="2")  # 120 > 100: trips
+        assert [t.counter for t in h.tripped] == ["tokens"]
+        with pytest.raises(openai.RateLimitError):
+            client.responses.create(model="gpt-5", input="3")
+        assert len(up.requests) == 2
+        assert h.of("provider.refused")[0]["counter"] == "tokens"
+
+
+def test_missing_credential_fails_at_start(loop: LoopThread, sockdir: Path) -> None:
+    provider = anthropic_policy("http://127.0.0.1:9")
+    gw = ProviderGateway(provider, sockdir / "x.sock", EventLog(None, "r"), Budgets({}),
+                         environ={})
+    with pytest.raises(CredentialError, match="PROVIDER_KEY"):
+        loop.run(gw.start())
+    assert not (sockdir / "x.sock").exists()
+    keyfile = sockdir / "missing.key"
+    gw = ProviderGateway(ProviderPolicy(backend="openai", api_key_file=str(keyfile),
+                                        models={"d": "gpt-5"}),
+                         sockdir / "y.sock", EventLog(None, "r"), Budgets({}), environ={})
+    with pytest.raises(CredentialError, match="cannot be read"):
+        loop.run(gw.start())
+
+
+def test_key_file_and_socket_mode(harnesses: list[Harness], loop: LoopThread,
+                                  sockdir: Path) -> None:
+    keyfile = sockdir / "key"
+    keyfile.write_text(KEY + "\n")
+    with ScriptedProvider([{"text": "x"}], api_key=KEY) as up:
+        provider = ProviderPolicy(backend="anthropic", base_url=up.url,
+                                  api_key_file=str(keyfile), models={"d": "claude-haiku-4-5"})
+        h = make(harnesses, loop, sockdir, provider, environ={})
+        assert h.socket.stat().st_mode & 0o777 == 0o666
+        assert h.anthropic().messages.create(model="claude-haiku-4-5", max_tokens=5, messages=[
+            {"role": "user", "content": "x"}]).content[0].text == "x"
+
+
+def test_secret_echoed_by_upstream_is_scrubbed(harnesses: list[Harness], loop: LoopThread,
+                                               sockdir: Path) -> None:
+    # As an error body echoing the key would. (Bytes are scrubbed: a key the model
+    # spelled out across several deltas would not be caught; no upstream has it to.)
+    echo = f"your key is {KEY}, keep it safe"
+    with ScriptedProvider([{"text": echo}, {"text": echo}], api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, anthropic_policy(up.url))
+        client = h.anthropic()
+        with client.messages.stream(model="sonnet", max_tokens=5, messages=[
+                {"role": "user", "content": "x"}]) as s:
+            streamed = s.get_final_text()
+        plain = h.http.post("/v1/messages", json={"model": "sonnet", "max_tokens": 5,
+                                                  "messages": []})
+        assert KEY not in streamed and "[REDACTED]" in streamed
+        assert KEY not in plain.text and "[REDACTED]" in plain.text
+
+
+def test_upstream_unreachable_is_502_and_event(harnesses: list[Harness], loop: LoopThread,
+                                               sockdir: Path) -> None:
+    h = make(harnesses, loop, sockdir, anthropic_policy("http://127.0.0.1:9"))
+    resp = h.http.post("/v1/messages", json={"model": "sonnet", "max_tokens": 5, "messages": []})
+    assert resp.status_code == 502 and resp.json()["type"] == "error"
+    ev = h.of("provider.request")[0]
+    assert ev["status"] == 502 and "unreachable" in ev["error"]
+
+
+# -- streaming ----------------------------------------------------------------------------
+
+def test_slow_upstream_streams_chunk_by_chunk(harnesses: list[Harness], loop: LoopThread,
+                                              sockdir: Path) -> None:
+    words = "one two three four five six seven eight"
+    with ScriptedProvider([{"text": words}, {"text": words}], api_key=KEY,
+                          chunk_delay=0.15) as up:
+        h = make(harnesses, loop, sockdir, anthropic_policy(up.url))
+        t0 = time.monotonic()
+        arrivals = []
+        with h.http.stream("POST", "/v1/messages", json={
+                "model": "sonnet", "max_tokens": 50, "stream": True, "messages": []}) as resp:
+            for _ in resp.iter_raw():
+                arrivals.append(time.monotonic() - t0)
+        # 14 events, 0.15 s apart: the stream takes about 2 s; the first bytes come at once
+        assert arrivals[-1] > 1.5
+        assert arrivals[0] < 0.5
+        assert len(arrivals) >= 10  # chunked through, not buffered into one piece
+        # the SDK sees text deltas spread over time as well
+        stamps = []
+        with h.anthropic().messages.stream(model="sonnet", max_tokens=50, messages=[
+                {"role": "user", "content": "x"}]) as s:
+            t1 = time.monotonic()
+            for _ in s.text_stream:
+                stamps.append(time.monotonic() - t1)
+        assert len(stamps) == 8 and stamps[-1] - stamps[0] > 0.9
+        ev = h.of("provider.request")[0]
+        assert ev["ttfb_ms"] < 500 and ev["latency_ms"] > 1500
+
+
+# -- record and replay -------------------------------------------------------------------
+
+def _exchanges(h: Harness) -> list[httpx2.Response]:
+    msg = [{"role": "user", "content": "hi"}]
+    out = []
+    out.append(h.http.post("/v1/messages", json={"model": "sonnet", "max_tokens": 5,
+                                                 "stream": True, "messages": msg}))
+    out.append(h.http.post("/v1/messages", json={"model": "claude-haiku-4-5",
+                                                 "max_tokens": 5, "messages": msg}))
+    return out
+
+
+def test_record_then_replay_is_identical(harnesses: list[Harness], loop: LoopThread,
+                                         sockdir: Path) -> None:
+    record = sockdir / "rec.jsonl"
+    script = [{"text": "recorded stream"}, {"tool": "read_file", "arguments": {"p": "a"}}]
+    with ScriptedProvider(script, api_key=KEY) as up:
+        rec = make(harnesses, loop, sockdir, anthropic_policy(up.url), record=record,
+                   name="rec")
+        original = _exchanges(rec)
+        rec.close()
+        harnesses.remove(rec)
+    text = record.read_text()
+    assert KEY not in text and PLACEHOLDER_KEY not in text
+    lines = [json.loads(x) for x in text.splitlines()]
+    assert lines[0]["backend"] == "anthropic" and len(lines) == 3
+    assert len(lines[1]["response"]["chunks"]) > 5  # the SSE chunks, as they came
+
+    # offline: no upstream, no key
+    replay = ProviderPolicy(backend="replay", replay_file=str(record))
+    h = make(harnesses, loop, sockdir, replay, environ={}, name="replay")
+    assert h.gateway.agent_env("http://127.0.0.1:7")["ANTHROPIC_BASE_URL"] == \
+        "http://127.0.0.1:7"
+    again = _exchanges(h)
+    for a, b in zip(original, again, strict=True):
+        assert (a.status_code, a.content, a.headers["content-type"]) == \
+            (b.status_code, b.content, b.headers["content-type"])
+    reqs = h.of("provider.request")
+    assert [r["replay"]["index"] for r in reqs] == [1, 2]
+    assert all(r["replay"]["body_match"] for r in reqs)
+    assert reqs[0]["stop_reason"] == "end_turn" and reqs[1]["stop_reason"] == "tool_use"
+    # past the end of the recording: a clear error and an event
+    extra = h.http.post("/v1/messages", json={"model": "sonnet", "max_tokens": 5,
+                                              "messages": []})
+    assert extra.status_code == 409 and "no recorded exchange" in extra.json()["error"]["message"]
+    assert h.of("provider.replay_mismatch")[0]["index"] == 2
+
+
+def test_replay_mismatch_is_an_error_event(harnesses: list[Harness], loop: LoopThread,
+                                           sockdir: Path) -> None:
+    record = sockdir / "rec.jsonl"
+    with ScriptedProvider([{"text": "a"}, {"text": "b"}], api_key=KEY) as up:
+        rec = make(harnesses, loop, sockdir, anthropic_policy(up.url), record=record, name="r")
+        _exchanges(rec)
+    h = make(harnesses, loop, sockdir, ProviderPolicy(backend="replay",
+                                                      replay_file=str(record)),
+             environ={}, name="p")
+    # the second recorded request comes first: model and stream flag differ
+    bad = h.http.post("/v1/messages", json={"model": "claude-haiku-4-5", "max_tokens": 5,
+                                            "messages": []})
+    assert bad.status_code == 409 and bad.json()["type"] == "error"
+    mm = h.of("provider.replay_mismatch")[0]
+    assert mm["expected"]["model"] == "claude-sonnet-4-5" and mm["got"]["stream"] is False
+    # the mismatch consumed nothing: the recorded order still replays
+    assert [r.status_code for r in _exchanges(h)] == [200, 200]
+
+
+def test_replay_of_openai_responses_with_the_sdk(harnesses: list[Harness], loop: LoopThread,
+                                                 sockdir: Path) -> None:
+    record = sockdir / "oa.jsonl"
+    with ScriptedProvider([{"tool": "exec_command", "arguments": {"cmd": "ls"}},
+                           {"text": "done"}], api_key=KEY) as up:
+        rec = make(harnesses, loop, sockdir, openai_policy(up.url), record=record, name="o")
+        first = [ev.to_dict() for ev in rec.openai().responses.create(
+            model="gpt-5", input="x", stream=True)]
+        second = rec.openai().responses.create(model="gpt-5", input="y").output_text
+    h = make(harnesses, loop, sockdir, ProviderPolicy(
+        backend="replay", replay_file=str(record), models={"default": "gpt-5"}),
+        environ={}, name="q")
+    assert set(h.gateway.agent_env("http://127.0.0.1:7")) == {"OPENAI_BASE_URL",
+                                                              "OPENAI_API_KEY"}
+    assert [ev.to_dict() for ev in h.openai().responses.create(
+        model="gpt-5", input="x", stream=True)] == first
+    assert h.openai().responses.create(model="gpt-5", input="y").output_text == second
+
+
+# -- isolation between runs ----------------------------------------------------------------
+
+def test_two_gateways_are_independent(harnesses: list[Harness], loop: LoopThread,
+                                      sockdir: Path) -> None:
+    key_b = "sk-other-run-key-9876543210"
+    with ScriptedProvider([{"text": "from A"}] * 4, api_key=KEY, chunk_delay=0.02) as up_a, \
+            ScriptedProvider([{"text": "from B"}] * 4, api_key=key_b, chunk_delay=0.02) as up_b:
+        a = make(harnesses, loop, sockdir, anthropic_policy(up_a.url), name="a",
+                 budgets={"requests": 4})
+        b = make(harnesses, loop, sockdir, openai_policy(up_b.url), name="b",
+                 environ={"PROVIDER_KEY": key_b}, budgets={"requests": 4})
+        results: dict[str, list[str]] = {"a": [], "b": []}
+
+        def run_a() -> None:
+            for _ in range(3):
+                results["a"].append(a.anthropic().messages.create(
+                    model="sonnet", max_tokens=5,
+                    messages=[{"role": "user", "content": "x"}]).content[0].text)
+
+        def run_b() -> None:
+            for _ in range(3):
+                results["b"].append(b.openai().responses.create(model="gpt-5",
+                                                                input="x").output_text)
+
+        threads = [threading.Thread(target=run_a), threading.Thread(target=run_b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == {"a": ["from A"] * 3, "b": ["from B"] * 3}
+        assert a.socket != b.socket
+        # each gateway holds only its own key, reaches only its own upstream, and
+        # speaks only its own API
+        assert {r.header("x-api-key") for r in up_a.requests} == {KEY}
+        assert {r.header("authorization") for r in up_b.requests} == {f"Bearer {key_b}"}
+        assert a.http.post("/v1/responses", json={"model": "gpt-5"}).status_code == 403
+        assert (a.budgets.used["requests"], b.budgets.used["requests"]) == (3, 3)
+        assert all(e.run_id == "run-a" for e in a.events)
+        assert all(e.run_id == "run-b" for e in b.events)
+        # closing one leaves the other serving
+        a.close()
+        harnesses.remove(a)
+        assert not a.socket.exists()
+        assert b.openai().responses.create(model="gpt-5", input="x").output_text == "from B"
+
+
+# -- units ------------------------------------------------------------------------------
+
+def test_agent_env_per_backend() -> None:
+    from runner.gateway.backends import agent_env
+
+    assert agent_env("anthropic", "http://127.0.0.1:5") == {
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:5", "ANTHROPIC_API_KEY": PLACEHOLDER_KEY}
+    assert agent_env("openai-compatible", "http://127.0.0.1:5/")["OPENAI_BASE_URL"] == \
+        "http://127.0.0.1:5/v1"
+    assert agent_env("ollama", "http://127.0.0.1:5")["OLLAMA_HOST"] == "http://127.0.0.1:5"
+
+
+def test_usage_meter_survives_any_chunking() -> None:
+    from runner.gateway.usage import UsageMeter
+    from runner.testing import wire
+
+    turn = wire.parse_turn({"text": "hello world", "usage": {"cache_write_tokens": 3}})
+    usage = wire.Usage(10, 4, 2, 3)
+    stream = b"".join(wire.anthropic_stream(turn, "m", usage, None))
+    for size in (1, 7, 64, len(stream)):
+        meter = UsageMeter("text/event-stream")
+        for i in range(0, len(stream), size):
+            meter.feed(stream[i:i + size])
+        u = meter.finish()
+        assert (u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens,
+                u.stop_reason) == (15, 4, 2, 3, "end_turn")
+
+
+def test_scrubber_catches_secret_split_across_chunks() -> None:
+    from runner.gateway.headers import Scrubber
+
+    data = f"data: {{\"x\": \"{KEY}\"}}\n\n".encode()
+    for cut in range(1, len(data)):
+        s = Scrubber([KEY])
+        out = s.feed(data[:cut]) + s.feed(data[cut:]) + s.flush()
+        assert KEY.encode() not in out and b"[REDACTED]" in out
+
+
+def test_hosted_tool_matching() -> None:
+    from runner.gateway.tools import check_tools
+
+    body = {"tools": [{"type": "web_search_20250305", "name": "web_search"}]}
+    assert check_tools("messages", body, [], None) is not None
+    for allowed in ("web_search", "web_search_20250305"):
+        assert check_tools("messages", body, [allowed], None) is None
+    chat = {"tools": [{"type": "function", "function": {"name": "mcp__run__x"}}]}
+    assert check_tools("chat", chat, [], ["mcp__run__*"]) is None
+    refusal = check_tools("chat", chat, [], ["other"])
+    assert refusal is not None and refusal.reason == "tool_not_allowed"
+    assert check_tools("responses", {"tools": [{"type": "local_shell"}]}, [], None) is not None
