@@ -11,7 +11,7 @@ from runner.events.console import Console
 from runner.policy.loader import load_policy
 from runner.policy.models import McpServerPolicy, Policy, ProviderPolicy
 from runner.run.hostaddrs import host_addresses
-from runner.run.orchestrator import RunOptions, run
+from runner.run.orchestrator import Run, RunOptions
 
 
 def apply_overrides(policy: Policy, *, provider: str | None, runtime: str | None,
@@ -58,12 +58,17 @@ def launch(*, task: list[str], policy_ref: str, agent_name: str, provider: str |
     engine = get_engine()
     # Whatever a killed run left behind goes before a new one starts.
     collect(engine)
-    console = Console(json_out=json_out, quiet=quiet, budgets_from=policy)
-    result = run(RunOptions(
+    console = Console(json_out=json_out, quiet=quiet)
+    the_run = Run(RunOptions(
         policy=policy, agent=agent, task=task, workspace=workspace, model=model,
         engine=engine, record=record, listeners=[console.on_event],
         on_output=None if json_out else console.on_output, host_addresses=host_addresses(),
     ))
+    console.attach(the_run.budgets)
+    try:
+        result = the_run.execute()
+    finally:
+        console.finish_live()
     console.finish(result)
     if json_out:
         sys.stdout.flush()

@@ -32,6 +32,7 @@ from runner.run import workspace as ws_mod
 from runner.run.control import ControlServer
 from runner.run.gc import OWNER_FILE, SCRATCH_PREFIX
 from runner.run.owner import owner_label
+from runner.run.reaper import ensure_reaper, needs_gc
 from runner.run.report import RunResult, write_report
 from runner.run.services import ServiceHost
 
@@ -141,6 +142,7 @@ class Run:
             self.log.emit("policy.widened", "host", detail=w)
         (self.dir / "policy.json").write_text(json.dumps(p.model_dump(mode="json"), indent=2))
 
+        ensure_reaper()
         scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))  # 0700: only this user
         (scratch / OWNER_FILE).write_text(owner_label())
         services = ServiceHost()
@@ -209,17 +211,12 @@ class Run:
             status = "not_ready" if exc.exit_code == ExitCode.NOT_READY else "error"
             reason = "error"
             self.log.emit("run.error", "host", error=error)
+        except Exception as exc:  # noqa: BLE001 - the engine went away mid-run, typically
+            error = f"the engine connection failed mid-run: {type(exc).__name__}: {exc}"[:500]
+            exit_code, status, reason = ExitCode.NOT_READY, "engine_lost", "engine"
+            self.log.emit("run.error", "host", error=error)
         finally:
-            with self._lock:
-                sandbox_ref = self._sandbox
-            if sandbox_ref is not None:
-                sandbox_ref.remove()
-                self.log.emit("sandbox.removed", "host")
-            if control is not None:
-                control.close()
-            if self.mcp_server is not None:
-                self.result_value = self.mcp_server.result
-            services.close()
+            self._teardown(control, services)
             if prepared is not None and prepared.copy is not None:
                 try:
                     patch_text = ws_mod.patch(prepared)
@@ -255,6 +252,26 @@ class Run:
         self.log.close()
         write_report(result)
         return result
+
+    def _teardown(self, control: ControlServer | None, services: ServiceHost) -> None:
+        """Remove the sandbox and stop the services; each step runs whatever the others do."""
+        with self._lock:
+            sandbox = self._sandbox
+        if sandbox is not None:
+            try:
+                sandbox.remove()
+                self.log.emit("sandbox.removed", "host")
+            except Exception as exc:  # noqa: BLE001 - the reaper removes it later
+                needs_gc()
+                self.log.emit("sandbox.remove_failed", "host", error=str(exc)[:300])
+        if control is not None:
+            control.close()
+        if self.mcp_server is not None:
+            self.result_value = self.mcp_server.result
+        try:
+            services.close()
+        except Exception as exc:  # noqa: BLE001
+            self.log.emit("services.close_failed", "host", error=str(exc)[:300])
 
     def _model(self) -> str | None:
         """The full model id for the agent: a role, alias or id the policy allows."""
