@@ -17,8 +17,12 @@ _CANDIDATES = [
               description="Airlock's own agent loop with the anthropic, openai and mcp SDKs"),
     ImageSpec("codex", "base", pip=(f"openai-codex-cli-bin=={CODEX_VERSION}",),
               description=f"the Codex CLI {CODEX_VERSION}"),
-    ImageSpec("claude-code", "base", npm=(f"@anthropic-ai/claude-code@{CLAUDE_CODE_VERSION}",),
-              description=f"Claude Code {CLAUDE_CODE_VERSION}"),
+    # The npm package is a wrapper; the CLI itself is the native binary of the platform
+    # package it pins (linux-x64, glibc). Both are packed; images/claude-code checks them.
+    ImageSpec("claude-code", "base",
+              npm=(f"@anthropic-ai/claude-code@{CLAUDE_CODE_VERSION}",
+                   f"@anthropic-ai/claude-code-linux-x64@{CLAUDE_CODE_VERSION}"),
+              description=f"Claude Code {CLAUDE_CODE_VERSION} (native linux-x64 binary)"),
 ]
 
 
