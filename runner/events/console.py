@@ -94,9 +94,12 @@ class Console:
             from rich.text import Text
 
             self._rich = RichConsole(stderr=True, highlight=False)
-            self._live = Live(Text(self._status()), console=self._rich, refresh_per_second=4,
-                              transient=True, redirect_stdout=False, redirect_stderr=False,
-                              get_renderable=lambda: Text(self._status(), style="bold"))
+            # One line, cropped to the terminal: a wrapped status line would leave stale
+            # copies of itself behind as it redraws.
+            self._live = Live(console=self._rich, refresh_per_second=4, transient=True,
+                              redirect_stdout=False, redirect_stderr=False,
+                              get_renderable=lambda: Text(self._status(), style="bold",
+                                                          no_wrap=True, overflow="crop"))
             self._live.start()
 
     def _status(self) -> str:

@@ -28,7 +28,14 @@ def verify_log(path: Path, *, run_id: str, report: dict[str, Any] | None = None)
         if event.get("run_id") != run_id:
             return [f"{path}:{n}: belongs to run {event.get('run_id')!r}, not {run_id!r}"]
         if event.get("prev") != prev:
-            return [f"{path}:{n}: hash chain broken (line edited, removed, inserted or moved)"]
+            # The chain breaks one line after an edit (the edited line still carries a
+            # valid `prev`; its successor records the old hash). A continuous sequence
+            # number says the line before was changed; a gap or a step back says lines
+            # were removed, inserted or moved here.
+            if n > 1 and event.get("seq") == seq + 1:
+                return [f"{path}:{n - 1}: line edited (its hash no longer matches the "
+                        f"record in line {n})"]
+            return [f"{path}:{n}: hash chain broken (a line removed, inserted or moved here)"]
         if event.get("seq") != seq + 1:
             return [f"{path}:{n}: sequence number {event.get('seq')} where {seq + 1} was due"]
         seq = event["seq"]
