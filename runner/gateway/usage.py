@@ -15,6 +15,7 @@ The budget is charged `input_tokens + output_tokens`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -54,10 +55,9 @@ def _sum(*vals: Any) -> int | None:
 # Byte markers of the lines worth parsing, per stream kind: a non-null usage object or
 # stop/finish reason (chat chunks carry `"finish_reason":null` and often
 # `"usage":null` in every chunk), or a terminal Responses event.
-_SSE_MARKERS = (b'"usage":{', b'"usage": {', b'"stop_reason":"', b'"stop_reason": "',
-                b'"finish_reason":"', b'"finish_reason": "', b"response.completed",
-                b"response.incomplete", b"response.failed")
-_NDJSON_MARKERS = (b'"done":true', b'"done": true')
+_SSE_MARKERS = re.compile(rb'"usage": ?\{|"stop_reason": ?"|"finish_reason": ?"|'
+                          rb"response\.(completed|incomplete|failed)")
+_NDJSON_MARKERS = re.compile(rb'"done": ?true')
 
 
 class UsageMeter:
@@ -104,10 +104,10 @@ class UsageMeter:
 
     def _line(self, line: bytes) -> None:
         if self.mode == "sse":
-            if not line.startswith(b"data:") or not any(m in line for m in _SSE_MARKERS):
+            if not line.startswith(b"data:") or not _SSE_MARKERS.search(line):
                 return
             self._absorb_text(line[5:])
-        elif any(m in line for m in _NDJSON_MARKERS):
+        elif _NDJSON_MARKERS.search(line):
             self._absorb_text(line)
 
     def _absorb_text(self, raw: bytes) -> None:
