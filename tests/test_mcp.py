@@ -238,11 +238,11 @@ async def test_python_tool_that_raises_hides_its_message_from_the_agent(tmp_path
 
 
 async def test_upstream_stops_with_the_server(tmp_path: Path) -> None:
-    before = pids_running(str(UPSTREAM))
-    async with serving(tmp_path, FULL_POLICY):
-        started = pids_running(str(UPSTREAM)) - before
-        assert len(started) == 1
-    assert not (pids_running(str(UPSTREAM)) & started)
+    marker = f"mcp-upstream-{os.getpid()}-{tmp_path.name}"  # the fixture ignores extra words
+    policy = McpPolicy(servers=[stdio(f"{UPSTREAM_CMD} {marker}", "echo")])
+    async with serving(tmp_path, policy):
+        assert len(pids_running(marker)) == 1
+    assert not pids_running(marker)
 
 
 async def test_upstream_reached_by_url_is_filtered_too(tmp_path: Path, http_upstream: int) -> None:

@@ -13,7 +13,6 @@ class ResultSlot:
 
     def __init__(self) -> None:
         self.value: str | None = None
-        self.submissions = 0
 
 
 def _submit_result_tool(slot: ResultSlot) -> PythonTool:
@@ -23,7 +22,6 @@ def _submit_result_tool(slot: ResultSlot) -> PythonTool:
         Call it once you are done; calling it again replaces the earlier result.
         """
         slot.value = result
-        slot.submissions += 1
         return "result recorded"
 
     return PythonTool(submit_result, origin="builtin")

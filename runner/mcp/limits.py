@@ -11,7 +11,7 @@ from runner.events.budgets import Budgets
 
 @dataclass(frozen=True)
 class Refusal:
-    reason: str  # "budget" | "per_tool_cap"
+    reason: str  # "budget" | "per_tool_cap" | "not_exposed"
     message: str  # what the agent is told
     limit: int | None = None
 
@@ -37,6 +37,3 @@ class CallGate:
         # Counted on admission, not completion: concurrent calls cannot slip past the cap.
         self._served[tool] += 1
         return None
-
-    def served(self, tool: str) -> int:
-        return self._served[tool]
