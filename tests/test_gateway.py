@@ -631,3 +631,84 @@ def test_hosted_tool_matching() -> None:
     refusal = check_tools("chat", chat, [], ["other"])
     assert refusal is not None and refusal.reason == "tool_not_allowed"
     assert check_tools("responses", {"tools": [{"type": "local_shell"}]}, [], None) is not None
+
+
+def test_ai_gateway_backend_uses_bearer(harnesses: list[Harness], loop: LoopThread,
+                                        sockdir: Path) -> None:
+    with ScriptedProvider([{"text": "via gateway"}], api_key=KEY) as up:
+        provider = ProviderPolicy(backend="gateway", base_url=up.url + "/v1",
+                                  api_key_env="PROVIDER_KEY",
+                                  models={"default": "anthropic/claude-sonnet-4-5"})
+        h = make(harnesses, loop, sockdir, provider)
+        msg = h.anthropic().messages.create(model="anthropic/claude-sonnet-4-5", max_tokens=5,
+                                            messages=[{"role": "user", "content": "x"}])
+        assert msg.content[0].text == "via gateway"
+        assert up.requests[0].path == "/v1/messages"
+        assert up.requests[0].header("authorization") == f"Bearer {KEY}"
+        assert up.requests[0].header("x-api-key") is None
+
+
+def test_client_gone_mid_stream_closes_upstream(harnesses: list[Harness], loop: LoopThread,
+                                                sockdir: Path) -> None:
+    with ScriptedProvider([{"text": "a b c d e f g h i j"}, {"text": "next"}], api_key=KEY,
+                          chunk_delay=0.1) as up:
+        h = make(harnesses, loop, sockdir, anthropic_policy(up.url))
+        with h.http.stream("POST", "/v1/messages", json={
+                "model": "sonnet", "max_tokens": 5, "stream": True, "messages": []}) as resp:
+            next(resp.iter_raw())
+        # closing early drops the connection; the gateway records it and moves on
+        deadline = time.monotonic() + 5
+        while not h.of("provider.request") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ev = h.of("provider.request")[0]
+        assert ev["error"].startswith("client went away") and ev["bytes_out"] > 0
+        assert h.http.post("/v1/messages", json={"model": "sonnet", "max_tokens": 5,
+                                                 "messages": []}).json()["content"][0][
+            "text"] == "next"
+
+
+def test_concurrent_streams_through_one_gateway(harnesses: list[Harness], loop: LoopThread,
+                                                sockdir: Path) -> None:
+    n = 16
+    with ScriptedProvider(lambda req: {"text": f"reply to {req.body['messages'][0]['content']}"},
+                          api_key=KEY, chunk_delay=0.05) as up:
+        h = make(harnesses, loop, sockdir, anthropic_policy(up.url))
+        results: dict[int, str] = {}
+
+        def one(i: int) -> None:
+            client = anthropic.Anthropic(
+                base_url=BASE, api_key=PLACEHOLDER_KEY, max_retries=0,
+                http_client=httpx2.Client(transport=httpx2.HTTPTransport(uds=str(h.socket))))
+            with client.messages.stream(model="sonnet", max_tokens=5, messages=[
+                    {"role": "user", "content": f"n{i}"}]) as s:
+                results[i] = s.get_final_text()
+
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        elapsed = time.monotonic() - t0
+        assert results == {i: f"reply to n{i}" for i in range(n)}
+        # each stream takes ~0.4 s; served one after another they would take n times that
+        assert elapsed < 0.4 * n / 2
+        assert len(h.of("provider.request")) == n
+
+
+def test_scripted_provider_runs_as_a_module(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "turns.json"
+    script.write_text(json.dumps([{"text": "from the CLI"}]))
+    proc = subprocess.Popen([sys.executable, "-m", "runner.testing.scripted_provider",
+                             "--script", str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = json.loads(proc.stdout.readline())["url"]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert client.responses.create(model="gpt-5", input="hi").output_text == "from the CLI"
+    finally:
+        proc.terminate()
+        proc.wait(10)
