@@ -631,6 +631,12 @@ def test_hosted_tool_matching() -> None:
     refusal = check_tools("chat", chat, [], ["other"])
     assert refusal is not None and refusal.reason == "tool_not_allowed"
     assert check_tools("responses", {"tools": [{"type": "local_shell"}]}, [], None) is not None
+    ns = {"tools": [{"type": "namespace", "name": "mcp__run", "description": "",
+                     "tools": [{"type": "function", "name": "search"}]}]}
+    assert check_tools("responses", ns, [], ["mcp__run__*"]) is None
+    assert check_tools("responses", ns, [], ["search"]) is not None
+    ns["tools"][0]["tools"].append({"type": "web_search"})  # type: ignore[index,union-attr]
+    assert check_tools("responses", ns, [], None) is not None
 
 
 def test_ai_gateway_backend_uses_bearer(harnesses: list[Harness], loop: LoopThread,
@@ -712,3 +718,57 @@ def test_scripted_provider_runs_as_a_module(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_vertex_service_account_key_file(harnesses: list[Harness], loop: LoopThread,
+                                         sockdir: Path) -> None:
+    """A service-account key is exchanged for an access token (JWT-bearer grant)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    grants: list[dict[str, Any]] = []
+
+    class TokenEndpoint(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            form = parse_qs(self.rfile.read(int(self.headers["content-length"])).decode())
+            claims = jwt.decode(form["assertion"][0], private.public_key(), algorithms=["RS256"],
+                                audience=f"http://127.0.0.1:{token_server.server_port}/token")
+            grants.append({"grant_type": form["grant_type"][0], **claims})
+            body = json.dumps({"access_token": "ya29.from-service-account",
+                               "expires_in": 3600}).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    token_server = ThreadingHTTPServer(("127.0.0.1", 0), TokenEndpoint)
+    threading.Thread(target=token_server.serve_forever, daemon=True).start()
+    sa = sockdir / "sa.json"
+    sa.write_text(json.dumps({
+        "type": "service_account", "client_email": "run@proj.iam.gserviceaccount.com",
+        "private_key": pem, "private_key_id": "k1",
+        "token_uri": f"http://127.0.0.1:{token_server.server_port}/token"}))
+    try:
+        with ScriptedProvider([{"text": "sa ok"}], api_key="ya29.from-service-account") as up:
+            provider = ProviderPolicy(backend="vertex", base_url=up.url, project="p",
+                                      region="global", api_key_file=str(sa),
+                                      models={"default": "claude-haiku-4-5@20251001"})
+            h = make(harnesses, loop, sockdir, provider, environ={})
+            msg = h.anthropic().messages.create(model="claude-haiku-4-5@20251001", max_tokens=5,
+                                                messages=[{"role": "user", "content": "x"}])
+            assert msg.content[0].text == "sa ok"
+            assert grants[0]["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+            assert grants[0]["iss"] == "run@proj.iam.gserviceaccount.com"
+            assert "/locations/global/" in up.requests[0].path
+    finally:
+        token_server.shutdown()

@@ -9,7 +9,8 @@ is one the client executes itself (Anthropic `bash_*`, OpenAI `local_shell`).
 A `hosted_tools` entry matches a tool by its family (`web_search`), its type without
 the date (`web_search_preview`) or its exact type (`web_search_20250305`).
 When the policy gives `tools`, every function tool name must match one of its entries
-(shell-style patterns allowed, e.g. `mcp__run__*`).
+(shell-style patterns allowed, e.g. `mcp__run__*`); a tool inside a Responses
+`namespace` tool is named `<namespace>__<name>`.
 """
 
 from __future__ import annotations
@@ -50,22 +51,35 @@ def hosted_names(tool_type: str) -> tuple[str, str, str]:
     return _FAMILIES.get(stem, stem), stem, tool_type
 
 
+def _tool_list(kind: str, tools: Any, namespace: str | None = None
+               ) -> list[tuple[str | None, str | None]]:
+    out: list[tuple[str | None, str | None]] = []
+    if not isinstance(tools, list):
+        return out
+    for tool in tools:
+        if not isinstance(tool, dict):
+            out.append(("<malformed>", None))
+            continue
+        ttype = tool.get("type")
+        name = tool.get("name")
+        if ttype == "namespace" and namespace is None:
+            # Responses groups client-side function tools under a namespace; the
+            # model calls them as namespace + name.
+            out.extend(_tool_list(kind, tool.get("tools"), namespace=str(name)))
+            continue
+        if kind in ("chat", "ollama_chat") and isinstance(tool.get(ttype or "function"), dict):
+            name = tool[ttype or "function"].get("name")  # {"type":"function","function":{..}}
+        if ttype == "function" and name is None and isinstance(tool.get("function"), dict):
+            name = tool["function"].get("name")
+        if namespace is not None and isinstance(name, str):
+            name = f"{namespace}__{name}"
+        out.append((ttype if isinstance(ttype, str) else None, name))
+    return out
+
+
 def _tool_entries(kind: str, body: dict[str, Any]) -> list[tuple[str | None, str | None]]:
     """(type, function name) for every tool the request offers the model."""
-    out: list[tuple[str | None, str | None]] = []
-    tools = body.get("tools")
-    if isinstance(tools, list):
-        for tool in tools:
-            if not isinstance(tool, dict):
-                out.append(("<malformed>", None))
-                continue
-            ttype = tool.get("type")
-            name = tool.get("name")
-            if kind in ("chat", "ollama_chat") and isinstance(tool.get(ttype or "function"), dict):
-                name = tool[ttype or "function"].get("name")  # {"type":"function","function":{..}}
-            if ttype == "function" and name is None and isinstance(tool.get("function"), dict):
-                name = tool["function"].get("name")
-            out.append((ttype if isinstance(ttype, str) else None, name))
+    out = _tool_list(kind, body.get("tools"))
     functions = body.get("functions")  # legacy Chat Completions
     if isinstance(functions, list):
         out.extend(("function", f.get("name") if isinstance(f, dict) else None)
