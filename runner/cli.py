@@ -284,7 +284,15 @@ def conformance(
     raise typer.Exit(code)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM (a CI runner cancelling a job, `kill`) ends a run as cleanly as Ctrl-C.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except KeyboardInterrupt:
