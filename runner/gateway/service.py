@@ -164,13 +164,14 @@ class ProviderGateway:
         family = self.spec.family_for(req.path)
         try:
             route, body, query = self._check(req, call)
-            family = route.family
             return await self._dispatch(req, call, route, body, query)
         except _Refused as r:
-            return self._refuse(family, call, r)
+            return self._refuse(call.route.family if call.route else family, call, r)
         except Exception as exc:  # a bug must answer, not hang the agent
             call.error = redact_text(f"{type(exc).__name__}: {exc}", self._secrets())
             self._emit_request(call, 500, None, None)
+            if call.route is not None:
+                family = call.route.family
             return Response(500, JSON + NO_RETRY,
                             backends.error_body(family, 500, "airlock gateway error",
                                                 "airlock_internal"))
