@@ -33,7 +33,7 @@ from runner.policy.models import ProviderPolicy
 from runner.testing import LoopThread, RecordedRequest, ScriptedProvider
 
 KEY = "sk-bench-0123456789abcdef"
-MODEL = "claude-sonnet-4-5"
+MODEL = "claude-sonnet-4-6"
 
 
 def percentile(values: list[float], q: float) -> float:

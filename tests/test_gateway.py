@@ -92,8 +92,8 @@ def harnesses(loop: LoopThread, sockdir: Path) -> Iterator[list[Harness]]:
 
 def anthropic_policy(url: str, **kw: Any) -> ProviderPolicy:
     return ProviderPolicy(backend="anthropic", base_url=url, api_key_env="PROVIDER_KEY",
-                          models={"default": "claude-sonnet-4-5", "triage": "claude-haiku-4-5"},
-                          aliases={"sonnet": "claude-sonnet-4-5"}, **kw)
+                          models={"default": "claude-sonnet-4-6", "triage": "claude-haiku-4-5"},
+                          aliases={"sonnet": "claude-sonnet-4-6"}, **kw)
 
 
 def openai_policy(url: str, backend: str = "openai", **kw: Any) -> ProviderPolicy:
@@ -133,21 +133,21 @@ def test_anthropic_sdk_stream_and_plain(harnesses: list[Harness], loop: LoopThre
             final = stream.get_final_message()
         assert text == "Hello from upstream"
         assert final.usage.cache_read_input_tokens == 7
-        msg = client.messages.create(model="claude-sonnet-4-5", max_tokens=64,
+        msg = client.messages.create(model="claude-sonnet-4-6", max_tokens=64,
                                      messages=[{"role": "user", "content": "weather?"}])
         assert msg.stop_reason == "tool_use"
         assert msg.content[0].type == "tool_use" and msg.content[0].input == {"city": "Paris"}
 
         # the upstream saw the real key and the full model id, never the placeholder
         assert [r.header("x-api-key") for r in up.requests] == [KEY, KEY]
-        assert [r.body["model"] for r in up.requests] == ["claude-sonnet-4-5"] * 2
+        assert [r.body["model"] for r in up.requests] == ["claude-sonnet-4-6"] * 2
         assert all(r.header("authorization") is None for r in up.requests)
 
         reqs = h.of("provider.request")
         assert [(r["stream"], r["status"], r["stop_reason"]) for r in reqs] == [
             (True, 200, "end_turn"), (False, 200, "tool_use")]
         first = reqs[0]
-        assert first["model"] == "claude-sonnet-4-5" and first["requested_model"] == "sonnet"
+        assert first["model"] == "claude-sonnet-4-6" and first["requested_model"] == "sonnet"
         assert first["cache_read_tokens"] == 7
         assert first["input_tokens"] > 7  # normalised: cached tokens are part of the input
         assert first["output_tokens"] > 0 and first["bytes_out"] > 0 and first["latency_ms"] > 0
@@ -243,8 +243,8 @@ def test_vertex_rewrites_path_and_injects_google_token(harnesses: list[Harness],
     with ScriptedProvider([{"text": "from vertex"}, {"text": "plain"}], api_key=token) as up:
         provider = ProviderPolicy(backend="vertex", base_url=up.url, project="proj",
                                   region="us-east5", api_key_env="GOOGLE_TOKEN",
-                                  models={"default": "claude-sonnet-4-5@20250929"},
-                                  aliases={"sonnet": "claude-sonnet-4-5@20250929"})
+                                  models={"default": "claude-sonnet-4-6@20260115"},
+                                  aliases={"sonnet": "claude-sonnet-4-6@20260115"})
         h = make(harnesses, loop, sockdir, provider, environ={"GOOGLE_TOKEN": token})
         client = h.anthropic()
         with client.messages.stream(model="sonnet", max_tokens=10,
@@ -254,8 +254,8 @@ def test_vertex_rewrites_path_and_injects_google_token(harnesses: list[Harness],
             {"role": "user", "content": "hi"}]).content[0].text == "plain"
         prefix = "/v1/projects/proj/locations/us-east5/publishers/anthropic/models/"
         assert [r.path for r in up.requests] == [
-            prefix + "claude-sonnet-4-5@20250929:streamRawPredict",
-            prefix + "claude-sonnet-4-5@20250929:rawPredict"]
+            prefix + "claude-sonnet-4-6@20260115:streamRawPredict",
+            prefix + "claude-sonnet-4-6@20260115:rawPredict"]
         assert "model" not in up.requests[0].body
         assert up.requests[0].body["anthropic_version"] == "vertex-2023-10-16"
         assert h.of("provider.request")[0]["stop_reason"] == "end_turn"
@@ -511,7 +511,7 @@ def test_replay_mismatch_is_an_error_event(harnesses: list[Harness], loop: LoopT
                                             "messages": []})
     assert bad.status_code == 409 and bad.json()["type"] == "error"
     mm = h.of("provider.replay_mismatch")[0]
-    assert mm["expected"]["model"] == "claude-sonnet-4-5" and mm["got"]["stream"] is False
+    assert mm["expected"]["model"] == "claude-sonnet-4-6" and mm["got"]["stream"] is False
     # the mismatch consumed nothing: the recorded order still replays
     assert [r.status_code for r in _exchanges(h)] == [200, 200]
 
@@ -644,9 +644,9 @@ def test_ai_gateway_backend_uses_bearer(harnesses: list[Harness], loop: LoopThre
     with ScriptedProvider([{"text": "via gateway"}], api_key=KEY) as up:
         provider = ProviderPolicy(backend="gateway", base_url=up.url + "/v1",
                                   api_key_env="PROVIDER_KEY",
-                                  models={"default": "anthropic/claude-sonnet-4-5"})
+                                  models={"default": "anthropic/claude-sonnet-4-6"})
         h = make(harnesses, loop, sockdir, provider)
-        msg = h.anthropic().messages.create(model="anthropic/claude-sonnet-4-5", max_tokens=5,
+        msg = h.anthropic().messages.create(model="anthropic/claude-sonnet-4-6", max_tokens=5,
                                             messages=[{"role": "user", "content": "x"}])
         assert msg.content[0].text == "via gateway"
         assert up.requests[0].path == "/v1/messages"

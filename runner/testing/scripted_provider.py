@@ -17,7 +17,7 @@ gateway it is used to test.
     with ScriptedProvider([{"tool": "exec_command", "arguments": {"cmd": "ls"}},
                            {"text": "done"}], api_key="sk-test") as up:
         ... point a client or the gateway at up.url ...
-        assert up.requests[0].body["model"] == "claude-sonnet-4-5"
+        assert up.requests[0].body["model"] == "claude-sonnet-4-6"
 
     python -m runner.testing.scripted_provider --script turns.json [--chunk-delay 0.05]
 """
@@ -110,7 +110,7 @@ class ScriptedProvider:
         self.chunk_delay = chunk_delay
         self.chunk_chars = chunk_chars
         self.loop = loop
-        self.models = models or ["claude-sonnet-4-5", "claude-haiku-4-5", "gpt-5", "gpt-5-mini",
+        self.models = models or ["claude-sonnet-4-6", "claude-haiku-4-5", "gpt-5", "gpt-5-mini",
                                  "llama3"]
         self.requests: list[RecordedRequest] = []
         self.served = 0
