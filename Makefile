@@ -4,7 +4,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-IMAGES  ?= base
+IMAGES  ?= base builtin
 PYTEST_ARGS ?=
 
 .PHONY: all venv engine images test demo bench lint clean gc
