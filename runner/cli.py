@@ -54,6 +54,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the agent's own output.")] = False,
     record: Annotated[Path | None, typer.Option(help="Record provider exchanges to this file.")] = None,
     runtime: Annotated[str | None, typer.Option(help="runc or runsc (overrides the policy's).")] = None,
+    image: Annotated[str | None, typer.Option(help="Airlock image for --agent command (base, builtin, codex, ...).")] = None,
     mcp_tool: Annotated[list[str] | None, typer.Option("--mcp-tool", help="module:function exposed as an MCP tool.")] = None,
     mcp_server: Annotated[list[str] | None, typer.Option("--mcp-server", help="'CMD ARGS' of an MCP server the host starts.")] = None,
     enable_tool: Annotated[list[str] | None, typer.Option("--enable-tool", help="A tool of --mcp-server to expose.")] = None,
@@ -65,7 +66,7 @@ def run(
         code = launch(
             task=task, policy_ref=policy, agent_name=agent, provider=provider, model=model,
             workspace=workspace, json_out=json_out, quiet=quiet, record=record,
-            runtime=runtime, mcp_tools=mcp_tool or [], mcp_servers=mcp_server or [],
+            runtime=runtime, image=image, mcp_tools=mcp_tool or [], mcp_servers=mcp_server or [],
             enable_tools=enable_tool or [],
         )
     except AirlockError as exc:

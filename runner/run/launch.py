@@ -45,6 +45,7 @@ def apply_overrides(policy: Policy, *, provider: str | None, runtime: str | None
 def launch(*, task: list[str], policy_ref: str, agent_name: str, provider: str | None,
            model: str | None, workspace: Path | None, json_out: bool, quiet: bool,
            record: Path | None, runtime: str | None, mcp_tools: list[str],
+           image: str | None = None,
            mcp_servers: list[str], enable_tools: list[str]) -> int:
     from runner.engines import get_engine
     from runner.run.gc import collect
@@ -53,6 +54,10 @@ def launch(*, task: list[str], policy_ref: str, agent_name: str, provider: str |
                              mcp_tools=mcp_tools, mcp_servers=mcp_servers,
                              enable_tools=enable_tools)
     agent = get_agent(agent_name)
+    if image is not None:
+        if agent_name != "command":
+            raise BadInput("--image applies to --agent command only; other agents bring their own")
+        agent.image = image
     if workspace is not None and not workspace.is_dir():
         raise BadInput(f"--workspace {workspace} is not a directory")
     engine = get_engine()
