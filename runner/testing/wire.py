@@ -30,6 +30,9 @@ class ToolCall:
     arguments: dict[str, Any] | str = field(default_factory=dict)
     call_id: str = field(default_factory=lambda: _id("call_"))
     custom_input: str | None = None  # a freeform (custom) tool call, e.g. Codex apply_patch
+    # Responses only: the namespace of a tool offered inside a `namespace` tool (Codex
+    # offers MCP tools as namespace `mcp__<server>`, and only accepts calls that name it).
+    namespace: str | None = None
 
     @property
     def arguments_json(self) -> str:
@@ -52,6 +55,9 @@ class Turn:
     usage: dict[str, int] = field(default_factory=dict)  # overrides of the estimate
     error: dict[str, Any] | None = None  # {"status": 500, "message": "..."}
     delay: float | None = None  # seconds between stream events (overrides the server's)
+    # Responses only: raw output items sent before the turn's text and tool calls
+    # (`reasoning`, `web_search_call`, ...), each as one output_item.added/done pair.
+    items: list[dict[str, Any]] = field(default_factory=list)
 
 
 def parse_turn(obj: Any) -> Turn:
@@ -60,7 +66,9 @@ def parse_turn(obj: Any) -> Turn:
     "hello" | {"text": "hello"} | {"tool": "exec_command", "arguments": {...}}
     | {"tool": "apply_patch", "input": "*** Begin Patch..."} (freeform)
     | {"tool_calls": [{"name": ..., "arguments": ...}, ...], "text": "..."}
-    | {"error": {"status": 500, "message": "..."}}; any of them may add
+    | {"error": {"status": 500, "message": "..."}}
+    | {"items": [{"type": "reasoning", ...}], "text": "..."} (raw Responses output items);
+    a tool call may name its Responses "namespace"; any of them may add
     "usage": {"input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"}
     and "delay": seconds.
     """
@@ -78,10 +86,11 @@ def parse_turn(obj: Any) -> Turn:
     err = obj.get("error")
     if isinstance(err, str):
         err = {"status": int(obj.get("status", 500)), "message": err}
-    if not calls and obj.get("text") is None and err is None:
+    items = [dict(i) for i in obj.get("items") or []]
+    if not calls and obj.get("text") is None and err is None and not items:
         raise ValueError(f"a scripted turn needs text, a tool call or an error: {obj!r}")
     return Turn(text=obj.get("text"), tool_calls=calls, usage=dict(obj.get("usage") or {}),
-                error=err, delay=obj.get("delay"))
+                error=err, delay=obj.get("delay"), items=items)
 
 
 def _call(c: dict[str, Any]) -> ToolCall:
@@ -91,6 +100,8 @@ def _call(c: dict[str, Any]) -> ToolCall:
     kwargs: dict[str, Any] = {}
     if c.get("id"):
         kwargs["call_id"] = c["id"]
+    if c.get("namespace"):
+        kwargs["namespace"] = c["namespace"]
     return ToolCall(name=name, arguments=c.get("arguments", {}), custom_input=c.get("input"),
                     **kwargs)
 
@@ -226,7 +237,7 @@ def _response_obj(rid: str, model: str, status: str, output: list[Any],
 
 
 def _responses_items(turn: Turn) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = []
+    items: list[dict[str, Any]] = [{"id": _id("item_"), **i} for i in turn.items]
     if turn.text is not None:
         items.append({"id": _id("msg_"), "type": "message", "role": "assistant",
                       "status": "completed",
@@ -237,9 +248,11 @@ def _responses_items(turn: Turn) -> list[dict[str, Any]]:
             items.append({"id": _id("ctc_"), "type": "custom_tool_call", "status": "completed",
                           "call_id": c.call_id, "name": c.name, "input": c.custom_input})
         else:
-            items.append({"id": _id("fc_"), "type": "function_call", "status": "completed",
-                          "call_id": c.call_id, "name": c.name,
-                          "arguments": c.arguments_json})
+            call = {"id": _id("fc_"), "type": "function_call", "status": "completed",
+                    "call_id": c.call_id, "name": c.name, "arguments": c.arguments_json}
+            if c.namespace:
+                call["namespace"] = c.namespace
+            items.append(call)
     return items
 
 
@@ -285,13 +298,15 @@ def responses_stream(turn: Turn, model: str, usage: Usage, chunk_chars: int | No
                      delta=piece)
             emit("response.function_call_arguments.done", item_id=iid, output_index=oi,
                  name=item["name"], arguments=item["arguments"])
-        else:  # custom_tool_call
+        elif item["type"] == "custom_tool_call":
             emit("response.output_item.added", output_index=oi,
                  item={**item, "status": "in_progress", "input": ""})
             emit("response.custom_tool_call_input.delta", item_id=iid, output_index=oi,
                  delta=item["input"])
             emit("response.custom_tool_call_input.done", item_id=iid, output_index=oi,
                  input=item["input"])
+        else:  # a raw item from the script (reasoning, web_search_call, ...)
+            emit("response.output_item.added", output_index=oi, item=item)
         emit("response.output_item.done", output_index=oi, item=item)
     emit("response.completed", response=_response_obj(rid, model, "completed", items,
                                                       _responses_usage(usage), created))
