@@ -23,6 +23,7 @@ PROVIDER_ID = "airlock"
 MCP_SERVER = "airlock"
 MCP_TOKEN_ENV = "AIRLOCK_MCP_TOKEN"
 API_KEY_ENV = "OPENAI_API_KEY"
+MODEL_CATALOG = "/opt/codex/models.json"
 
 # Features of Codex 0.163 that reach beyond the run (apps, plugins, browsers, other
 # agents, hooks, memories, update prompts) or that need what a hardened container does
@@ -50,6 +51,9 @@ def generate(*, model: str | None, base_url: str | None, mcp_url: str | None,
         "sandbox_mode": "danger-full-access",
         "web_search": "disabled",
         "check_for_update_on_startup": False,
+        # The image's copy of the bundled catalog, with client-side tool search off
+        # (see images/codex/Dockerfile): MCP tools are offered directly, by name.
+        "model_catalog_json": MODEL_CATALOG,
         "project_doc_max_bytes": 0,
         "allow_login_shell": False,
         "cli_auth_credentials_store": "file",

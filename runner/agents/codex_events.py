@@ -158,6 +158,8 @@ class CodexStream:
         base: dict[str, Any] = {"phase": phase, "id": iid}
         if itype in ACTION_ITEMS:
             data = base | self._action_fields(itype, item)
+            if phase != "completed":
+                data["ok"] = None
             step = False
             if phase == "completed" and (not iid or iid not in self._counted):
                 if iid:
@@ -216,10 +218,8 @@ class CodexStream:
             d |= {"query": item.get("query"), "action": item.get("action")}
         elif itype == "collab_tool_call":
             d |= {"tool": item.get("tool"), "receivers": item.get("receiver_thread_ids")}
-        if status == "in_progress":
-            d["ok"] = None
-        else:
-            d["ok"] = ok
+        # Known only once the item is completed (web searches carry no status at all).
+        d["ok"] = ok if status not in ("in_progress",) else None
         if error is not None:
             d["error"] = error
         return d
