@@ -100,6 +100,7 @@ class ScriptedProvider:
         host: str = "127.0.0.1",
         port: int = 0,
         log_path: Path | None = None,
+        strict_models: bool = False,
     ) -> None:
         """`script`: turns served in order to generation requests, or a callable that
         returns a turn for each request. `api_key`: when set, requests without it get
@@ -112,6 +113,9 @@ class ScriptedProvider:
         self.loop = loop
         self.models = models or ["claude-sonnet-4-6", "claude-haiku-4-5", "gpt-5", "gpt-5-mini",
                                  "llama3"]
+        # With strict_models, generation for a model outside `models` is a 404, as a
+        # provider answers for a model the account cannot use.
+        self.strict_models = strict_models
         self.requests: list[RecordedRequest] = []
         self.served = 0
         self._lock = threading.Lock()
@@ -304,6 +308,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(style, 404 if kind is None else 400,
                         f"scripted provider: no route POST {path}" if kind is None
                         else "scripted provider: the body is not a JSON object")
+            return
+        if provider.strict_models and model not in provider.models:
+            self._error(style, 404, f"model: {model} not found")
             return
         turn = provider._next_turn(req)
         if turn is None:
