@@ -118,6 +118,14 @@ def policy_schema() -> None:
     typer.echo(json.dumps(Policy.model_json_schema(), indent=2))
 
 
+@policy_app.command("reference")
+def policy_reference() -> None:
+    """The policy reference in Markdown, generated from the JSON Schema."""
+    from runner.policy.reference import reference_markdown
+
+    typer.echo(reference_markdown(), nl=False)
+
+
 @policy_app.command("compile")
 def policy_compile(
     ref: Annotated[str, typer.Argument(help="Preset name or file.")] = "default",

@@ -148,3 +148,10 @@ def test_schema_show_and_compile(airlock):
 
 def test_repo_presets_directory_is_used():
     assert Path(load_policy("default").files[0]).name == "default.yaml"
+
+
+def test_policy_reference_is_up_to_date():
+    from runner.policy.reference import reference_markdown
+
+    committed = (Path(__file__).resolve().parent.parent / "docs" / "policy-reference.md").read_text()
+    assert committed == reference_markdown(), "run: airlock policy reference > docs/policy-reference.md"
