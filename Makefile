@@ -27,6 +27,7 @@ images: venv engine
 	$(BIN)/airlock images build $(IMAGES)
 
 test: images
+	@scripts/ensure-test-tools.sh
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: images
