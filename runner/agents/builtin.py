@@ -4,7 +4,7 @@ It runs in the `builtin` image with the official SDKs and speaks the API of the
 policy's provider through the gateway: Anthropic Messages for `anthropic`, `vertex` and
 `gateway`; OpenAI Responses for `openai`; Chat Completions for `openai-compatible`;
 Ollama's `/api/chat` for `ollama`; for `replay`, whatever the recording was made with.
-`env.set.AIRLOCK_AGENT_API` in the policy overrides the choice (responses, chat, ...).
+`BuiltinAgent(api="chat")` (the Python API) overrides the choice.
 
 Its stdout is one JSON object per line (`"airlock_agent": 1`), parsed here into events
 (all `source: agent`, untrusted):
@@ -30,7 +30,6 @@ from runner.gateway.record import Replayer, ReplayError
 from runner.policy.models import SANDBOX_HOME, WORKSPACE_PATH
 
 LOOP = "/opt/airlock/airlock_sandbox/agent_loop.py"
-API_OVERRIDE = "AIRLOCK_AGENT_API"
 APIS = ("anthropic", "responses", "chat", "ollama")
 BACKEND_API = {"anthropic": "anthropic", "vertex": "anthropic", "gateway": "anthropic",
                "openai": "responses", "openai-compatible": "chat", "ollama": "ollama"}
@@ -45,12 +44,6 @@ RESERVED = frozenset({"airlock_agent", "type", "source", "seq", "ts", "run_id", 
 
 def api_for(ctx: AgentContext) -> str:
     """The API the loop speaks, from the policy's provider backend."""
-    override = ctx.policy.env.set.get(API_OVERRIDE)
-    if override:
-        if override not in APIS:
-            raise BadInput(f"env.set.{API_OVERRIDE}: {override!r} is not one of "
-                           f"{', '.join(APIS)}")
-        return override
     provider = ctx.policy.provider
     if provider is None or ctx.policy.network.mode == "none":
         raise BadInput("--agent builtin needs a model provider: the policy needs a `provider` "
@@ -83,7 +76,10 @@ class BuiltinAgent(Agent):
     name = "builtin"
     image = "builtin"
 
-    def __init__(self) -> None:
+    def __init__(self, api: str | None = None) -> None:
+        if api is not None and api not in APIS:
+            raise BadInput(f"the builtin agent speaks {', '.join(APIS)}, not {api!r}")
+        self.api = api
         self.ended: str | None = None  # the status of the loop's `end` line
 
     def argv(self, ctx: AgentContext) -> list[str]:
@@ -99,7 +95,8 @@ class BuiltinAgent(Agent):
         # One past the host's budget: the host sees the step that exceeds it and ends the
         # run with its own status; the loop stops by itself only if that never happens.
         max_steps = steps + 1 if steps else DEFAULT_MAX_STEPS
-        argv = ["python3", "-I", LOOP, "--api", api_for(ctx), "--max-steps", str(max_steps)]
+        api = api_for(ctx)  # also checks that the run has a provider at all
+        argv = ["python3", "-I", LOOP, "--api", self.api or api, "--max-steps", str(max_steps)]
         if ctx.model:
             argv += ["--model", ctx.model]
         for path in writable:
