@@ -68,6 +68,7 @@ class Sandbox(ABC):
     """A created container."""
 
     id: str
+    image_id: str | None = None  # the content digest of the image it runs
 
     @abstractmethod
     def start(self) -> None: ...

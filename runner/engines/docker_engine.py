@@ -52,6 +52,7 @@ class DockerSandbox(Sandbox):
         self._client = client
         self._container = container
         self.id = container.id
+        self.image_id = (container.attrs or {}).get("Image")
 
     def start(self) -> None:
         import docker.errors

@@ -95,6 +95,9 @@ class Run:
         self._end_reason: str | None = None  # budget | timeout | interrupted
         self._lock = threading.Lock()
         self._agent_started: float | None = None
+        self._agent_ended: float | None = None
+        self._refused: list[dict[str, Any]] = []
+        self.log.subscribe(self._note_refusal)
         self._selftest: dict[str, Any] | None = None
         self._agent_exit: int | None = None
         self.result_value: Any = None
@@ -102,6 +105,16 @@ class Run:
         self.mcp_server: Any = None
 
     # -- enforcement -----------------------------------------------------------------
+
+    def _note_refusal(self, event: Event) -> None:
+        if event.trusted and (event.type.endswith((".refused", ".unauthorized"))
+                              or event.type == "control.refused"):
+            if len(self._refused) < 200:
+                d = event.data
+                self._refused.append({"seq": event.seq, "type": event.type,
+                                      "reason": d.get("reason"),
+                                      "what": d.get("target") or d.get("tool") or d.get("model")
+                                      or d.get("path")})
 
     def _end(self, reason: str) -> None:
         with self._lock:
@@ -125,6 +138,7 @@ class Run:
                           checks=msg.get("checks", []), runtime=msg.get("runtime"))
         elif kind == "agent.exit":
             self._agent_exit = msg.get("code")
+            self._agent_ended = time.monotonic()
         elif kind == "shim.ready":
             self.log.emit("sandbox.ready", "host")
 
@@ -152,6 +166,7 @@ class Run:
         status, reason = "error", "error"
         patch_text = ""
         image = ""
+        image_digest: str | None = None
         error: str | None = None
         try:
             engine = self.o.engine or get_engine()
@@ -198,8 +213,9 @@ class Run:
             sandbox = engine.create(spec)
             with self._lock:
                 self._sandbox = sandbox
+            image_digest = sandbox.image_id
             self.log.emit("sandbox.created", "host", container=sandbox.id[:12], image=image,
-                          runtime=spec.runtime)
+                          image_digest=image_digest, runtime=spec.runtime)
             code, oom = self._run_sandbox(sandbox)
             exit_code, status, reason = self._classify(agent, code, oom)
         except KeyboardInterrupt:
@@ -239,7 +255,10 @@ class Run:
             policy_digest=policy_digest(p),
             image=image,
             duration_s=round(time.monotonic() - t0, 3),
+            durations=self._durations(t0),
             budgets=self.budgets.snapshot(),
+            refused=self._refused,
+            image_digest=image_digest,
             error=error,
             patch=patch_text or None,
             selftest=self._selftest,
@@ -252,6 +271,14 @@ class Run:
         self.log.close()
         write_report(result)
         return result
+
+    def _durations(self, t0: float) -> dict[str, float | None]:
+        def span(a: float | None, b: float | None) -> float | None:
+            return round(b - a, 3) if a is not None and b is not None else None
+
+        end = time.monotonic()
+        return {"total": span(t0, end), "start": span(t0, self._agent_started),
+                "agent": span(self._agent_started, self._agent_ended)}
 
     def _teardown(self, control: ControlServer | None, services: ServiceHost) -> None:
         """Remove the sandbox and stop the services; each step runs whatever the others do."""

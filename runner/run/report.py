@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,9 @@ class RunResult:
     image: str
     duration_s: float
     budgets: dict[str, dict[str, int | None]]
+    durations: dict[str, float | None] = field(default_factory=dict)
+    refused: list[dict[str, Any]] = field(default_factory=list)
+    image_digest: str | None = None
     error: str | None = None
     patch: str | None = None
     selftest: dict[str, Any] | None = None
@@ -28,9 +31,14 @@ class RunResult:
     events: int = 0
     last_hash: str = ""
 
+    @property
+    def totals(self) -> dict[str, int]:
+        return {k: int(v.get("used") or 0) for k, v in self.budgets.items()}
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["run_dir"] = str(self.run_dir)
+        d["totals"] = self.totals
         return d
 
 
