@@ -46,6 +46,7 @@ JSON = [("content-type", "application/json")]
 NO_RETRY = [("x-should-retry", "false")]
 GENERATION_KINDS = frozenset({"messages", "responses", "chat", "generate", "ollama_chat"})
 LIST_CAP = 8 * 1024 * 1024
+HEALTH_PATH = "/airlock/health"
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=15.0, read=600.0, write=60.0, pool=30.0)
 
 
@@ -160,6 +161,9 @@ class ProviderGateway:
     # -- checking -------------------------------------------------------------------
 
     async def _handle(self, req: Request) -> Response:
+        if req.method == "GET" and req.path == HEALTH_PATH:
+            # The readiness self-test's probe: answered here, never forwarded, not an event.
+            return Response(200, JSON, b'{"ok":true}')
         call = _Call(req.method, req.path, len(req.body))
         family = self.spec.family_for(req.path)
         try:

@@ -95,7 +95,8 @@ def _http_answers(port: int) -> tuple[bool, str]:
             head = s.recv(64)
     except OSError as exc:
         return False, str(exc)
-    return head.startswith(b"HTTP/"), head.split(b"\r\n", 1)[0].decode("latin-1")
+    status = head.split(b"\r\n", 1)[0]
+    return status.split(b" ")[1:2] == [b"200"], status.decode("latin-1")
 
 
 def run_selftest(cfg: dict[str, Any], bridges: list[dict[str, Any]]) -> dict[str, Any]:
