@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from runner.policy.syscalls import check_allowable_syscall, check_group_name, check_syscall_name
 from runner.policy.units import Duration, Size
 
 SANDBOX_UID = 1000
@@ -115,13 +116,21 @@ class NetworkPolicy(Strict):
         return self
 
 
+# Per item, so a policy error points at the line of the misspelled name.
+SyscallGroup = Annotated[str, AfterValidator(check_group_name)]
+SyscallName = Annotated[str, AfterValidator(check_syscall_name)]
+AllowableSyscall = Annotated[str, AfterValidator(check_allowable_syscall)]
+
+
 class SeccompPolicy(Strict):
-    groups: list[str] = Field(
+    groups: list[SyscallGroup] = Field(
         default_factory=lambda: list(DEFAULT_SYSCALL_GROUPS),
         description="Named syscall groups that make up the allowlist.",
     )
-    allow: list[str] = Field(default_factory=list, description="Extra syscalls to allow.")
-    deny: list[str] = Field(
+    allow: list[AllowableSyscall] = Field(
+        default_factory=list, description="Extra syscalls to allow (never the 'never' group)."
+    )
+    deny: list[SyscallName] = Field(
         default_factory=list, description="Syscalls denied whatever the groups allow."
     )
     socket_families: list[Literal["unix", "inet", "inet6"]] = Field(
@@ -311,8 +320,9 @@ class McpPolicy(Strict):
 
 
 class ReadinessPolicy(Strict):
-    selftest: bool = Field(
-        True, description="Run the in-sandbox self-test before the agent; a failure stops the run."
+    selftest: bool = Field(True, description="Run the in-sandbox self-test before the agent.")
+    gate: bool = Field(
+        True, description="A failing self-test stops the run (exit 3); false only records it."
     )
 
 
@@ -357,6 +367,8 @@ def widenings(policy: Policy) -> list[str]:
         out.append(f"process.seccomp.allow: {', '.join(proc.seccomp.allow)}")
     if not policy.readiness.selftest:
         out.append("readiness.selftest: false (the run starts without its self-test)")
+    elif not policy.readiness.gate:
+        out.append("readiness.gate: false (a failing self-test does not stop the run)")
     if policy.provider and policy.provider.hosted_tools:
         out.append(f"provider.hosted_tools: {', '.join(policy.provider.hosted_tools)}")
     return out

@@ -395,7 +395,7 @@ class Run:
         return env
 
     def _selftest_config(self, bridges: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"gate": True, "runtime": self.policy.process.runtime,
+        return {"gate": self.policy.readiness.gate, "runtime": self.policy.process.runtime,
                 "host_addresses": self.o.host_addresses,
                 "read_only_root": self.policy.filesystem.read_only_root}
 

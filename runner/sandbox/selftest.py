@@ -109,6 +109,14 @@ def run_selftest(cfg: dict[str, Any], bridges: list[dict[str, Any]]) -> dict[str
     checks.append(_check("loopback-only", ifaces == ["lo"], f"interfaces={','.join(ifaces)}"))
     routes = routes_off_loopback()
     checks.append(_check("no-routes", not routes, "; ".join(routes) or "no route off lo"))
+    # Proven by the routing table alone: with no route off lo the kernel cannot send a
+    # packet to these, so none is sent to find out.
+    v4 = [r for r in routes if r.startswith("v4")]
+    v6 = [r for r in routes if r.startswith("v6")]
+    checks.append(_check("external-unreachable", not v4, "no IPv4 route" if not v4 else v4[0]))
+    checks.append(_check("metadata-unreachable", not v4,
+                         "169.254.169.254 has no route" if not v4 else v4[0]))
+    checks.append(_check("ipv6-unreachable", not v6, "no IPv6 route" if not v6 else v6[0]))
     try:
         with open("/etc/resolv.conf", encoding="utf-8") as fh:
             servers = [line.split()[1] for line in fh if line.startswith("nameserver ")]
