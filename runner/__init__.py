@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Event", "Policy", "RunHandle", "RunResult", "as_policy", "load_policy", "execute", "start"]
+__all__ = ["Event", "Policy", "RunHandle", "RunResult", "as_policy", "execute", "load_policy", "start"]
 
 if TYPE_CHECKING:
     from runner.api import RunHandle, as_policy, execute, load_policy, start

@@ -90,7 +90,7 @@ class RunHandle:
     def _go(self, options: RunOptions) -> None:
         try:
             self._result = _run(options)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller in result()
+        except BaseException as exc:  # handed to the caller in result()
             self._error = exc
         finally:
             self._queue.put(None)

@@ -44,9 +44,9 @@ def classify(status: int, body: str) -> tuple[str, str] | None:
         return ("the provider refused the credential (authentication failed)",
                 "check the key the policy names (api_key_env / api_key_file) and that it "
                 "belongs to this provider")
-    if status == 404 or "model" in lowered and any(
+    if status == 404 or ("model" in lowered and any(
             w in lowered for w in ("not found", "not_found", "does not exist", "not available",
-                                   "no access", "not allowed", "unknown model")):
+                                   "no access", "not allowed", "unknown model"))):
         return ("the model is not available to this account",
                 "set provider.models.default to a model your account can use")
     if status == 429:
@@ -116,7 +116,7 @@ def check_provider(policy_ref: str, *, probe: bool, ok: Report, bad: Problem) ->
             status, body = asyncio.run(_probe(provider, provider.resolve_model("default") or default))
         except AirlockError as exc:
             bad(f"probe: {exc.message}", exc.hint or "check provider.base_url")
-        except Exception as exc:  # noqa: BLE001 - network failures of any kind
+        except Exception as exc:
             bad(f"probe: the provider could not be reached ({type(exc).__name__}: {exc})",
                 "check provider.base_url and the host's network")
         else:

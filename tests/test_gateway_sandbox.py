@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 
-
 import pytest
 
 from runner.testing.scripted_provider import ScriptedProvider

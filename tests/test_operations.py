@@ -3,6 +3,7 @@ cleanliness over many runs, the console and the Python API."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -187,18 +188,14 @@ class SocketRelay:
             pass
         finally:
             for s in (a, b):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def cut(self) -> None:
         self.server.close()
         for c in self.conns:
-            try:
+            with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 def test_engine_lost_mid_run_ends_clearly_and_leaks_nothing(engine, tmp_path):
@@ -246,8 +243,8 @@ def test_json_output_parses_line_by_line(airlock):
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_status_line_in_a_real_terminal(tmp_path):
     session = f"airlock-test-{os.getpid()}"
-    cmd = (f"cd {ROOT} && unset COLUMNS LINES; AIRLOCK_RUNS_DIR={tmp_path} {sys.executable} -m runner.cli run "
-           f"-p strict -- sh -c 'echo started; sleep 4'; sleep 30")
+    cmd = (f"cd {ROOT} && unset COLUMNS LINES; AIRLOCK_RUNS_DIR={tmp_path} "
+           f"{sys.executable} -m runner.cli run -p strict -- sh -c 'echo started; sleep 4'; sleep 30")
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "20", cmd],
                    check=True)
     try:
@@ -257,7 +254,8 @@ def test_status_line_in_a_real_terminal(tmp_path):
             nonlocal screen
             screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
                                     capture_output=True, text=True).stdout
-            return "started" in screen and re.search(r"airlock\s+\d+\.\ds \| steps 0/100", screen) is not None
+            status = re.search(r"airlock\s+\d+\.\ds \| steps 0/100", screen)
+            return "started" in screen and status is not None
 
         assert wait_for(status_shown, 20), screen
         assert "tokens 0/2M (2M left)" in screen and "requests 0/200" in screen

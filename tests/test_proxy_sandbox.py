@@ -43,7 +43,7 @@ network:
   allow: ["localhost:{port}", "*.example.test:443"]
   allow_private: ["127.0.0.0/8"]
 """)
-    targets = [f"localhost:{port}", "localhost:22", "127.0.0.1:%d" % port, "blocked.test:443",
+    targets = [f"localhost:{port}", "localhost:22", f"127.0.0.1:{port}", "blocked.test:443",
                "example.test:443"]
     r = airlock("run", "--quiet", "--policy", policy, "--workspace", str(PROBES), "--",
                 "python3", "/workspace/proxy_client.py", *targets)

@@ -9,6 +9,7 @@ leaves a valid prefix.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -109,10 +110,8 @@ class EventLog(EventSink):
             self._prev = line_hash(line)
             listeners = list(self._listeners)
         for listener in listeners:
-            try:
+            with contextlib.suppress(Exception):  # a broken console must not break the run
                 listener(event)
-            except Exception:  # noqa: BLE001 - a broken console must not break the run
-                pass
         return event
 
     def close(self) -> None:

@@ -42,10 +42,9 @@ def verify_log(path: Path, *, run_id: str, report: dict[str, Any] | None = None)
         prev = line_hash(raw)
     if tail:
         problems.append(f"{path}:{len(lines) + 1}: truncated line at the end of the log")
-    elif report is not None:
-        if report.get("events") != seq or report.get("last_hash") != prev:
-            problems.append(
-                f"{path}:{len(lines) + 1}: the log ends at event {seq} but report.json "
-                f"recorded {report.get('events')} events (lines removed from the end)"
-            )
+    elif report is not None and (report.get("events") != seq or report.get("last_hash") != prev):
+        problems.append(
+            f"{path}:{len(lines) + 1}: the log ends at event {seq} but report.json "
+            f"recorded {report.get('events')} events (lines removed from the end)"
+        )
     return problems

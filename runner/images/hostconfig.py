@@ -109,7 +109,7 @@ def custom_ca_bundle() -> Path | None:
         _pip_cert(),
         _apt_cainfo(),
         os.environ.get("NODE_EXTRA_CA_CERTS"),
-        os.environ.get("npm_config_cafile"),
+        os.environ.get("npm_config_cafile"),  # noqa: SIM112 - npm reads the lower-case name
         os.environ.get("REQUESTS_CA_BUNDLE"),
         os.environ.get("SSL_CERT_FILE"),
     ]

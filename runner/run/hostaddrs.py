@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 from pathlib import Path
 
 
@@ -10,7 +11,7 @@ def host_addresses() -> list[str]:
     out: set[str] = set()
     try:
         lines = Path("/proc/net/fib_trie").read_text().splitlines()
-        for prev, line in zip(lines, lines[1:], strict=False):
+        for prev, line in itertools.pairwise(lines):
             if "/32 host LOCAL" in line:
                 addr = prev.strip().split()[-1]
                 if not ipaddress.ip_address(addr).is_loopback:

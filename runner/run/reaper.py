@@ -10,6 +10,7 @@ leaves without touching the engine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -51,10 +52,8 @@ def ensure_reaper() -> None:
 def _done() -> None:
     global _pipe_w
     if _pipe_w is not None:
-        try:
+        with contextlib.suppress(OSError):
             os.write(_pipe_w, b"gc\n" if _needs_gc else b"done\n")
-        except OSError:
-            pass
         os.close(_pipe_w)
         _pipe_w = None
 
@@ -75,7 +74,7 @@ def main() -> int:
         try:
             collect(DockerEngine())
             return 0
-        except Exception:  # noqa: BLE001 - retry a busy or restarting engine
+        except Exception:
             if time.monotonic() > deadline:
                 return 1
             time.sleep(2)

@@ -33,7 +33,7 @@ def _start(host: ServiceHost, service: Any, name: str) -> None:
         host.start(service)
     except AirlockError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any failure to listen means not ready
+    except Exception as exc:
         raise NotReady(f"the {name} service could not start: {exc}") from None
 
 

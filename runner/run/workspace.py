@@ -68,7 +68,7 @@ def patch(ws: PreparedWorkspace) -> str:
         raise BadInput("git is needed on the host to compute the workspace patch")
     proc = subprocess.run(
         [git, "-c", "core.quotepath=off", "diff", "--no-index", "--binary", "--no-color",
-         "--no-ext-diff", "--no-textconv", f"--src-prefix=a/", f"--dst-prefix=b/",
+         "--no-ext-diff", "--no-textconv", "--src-prefix=a/", "--dst-prefix=b/",
          str(ws.origin), str(ws.copy)],
         capture_output=True, env={"PATH": os.environ.get("PATH", ""), "HOME": "/nonexistent",
                                   "GIT_CONFIG_NOSYSTEM": "1"},

@@ -112,9 +112,8 @@ class Control:
         line = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
         if self.sock is None:
             return
-        with self._lock:
-            with contextlib.suppress(OSError):
-                self.sock.sendall(line)
+        with self._lock, contextlib.suppress(OSError):
+            self.sock.sendall(line)
 
     def watch(self, on_lost) -> None:  # type: ignore[no-untyped-def]
         sock = self.sock

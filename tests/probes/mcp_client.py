@@ -81,7 +81,7 @@ def main() -> None:
     elif what == "call":
         calls = []
         args = sys.argv[2:]
-        for tool, raw in zip(args[::2], args[1::2]):
+        for tool, raw in zip(args[::2], args[1::2], strict=True):
             res = c.post("tools/call", {"name": tool, "arguments": json.loads(raw)})
             if "error" in res:
                 calls.append({"tool": tool, "rpc_error": res["error"].get("message")})
