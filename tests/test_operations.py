@@ -25,8 +25,12 @@ from tests.conftest import AIRLOCK, ROOT
 pytestmark = pytest.mark.usefixtures("engine")
 
 
-def managed_containers(client) -> list:
-    return client.containers.list(all=True, filters={"label": "airlock.managed"})
+def managed_containers(client, run_id: str | None = None) -> list:
+    """Airlock's containers (of one run, when given: other suites may share the engine)."""
+    label = f"airlock.run={run_id}" if run_id else "airlock.managed"
+    # The low-level listing: the high-level one inspects each container and races with
+    # runs that remove theirs meanwhile.
+    return client.api.containers(all=True, filters={"label": label})
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
@@ -126,33 +130,49 @@ def _start_cli(runs_dir: Path, *args: str, env: dict | None = None) -> subproces
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _run_label(client, before: set) -> str | None:
+def _own_run(client, runs_dir: Path) -> str | None:
+    """The id of the run this test started (its directory is in `runs_dir`), once running."""
+    ids = {p.name for p in runs_dir.iterdir()} if runs_dir.is_dir() else set()
     for c in managed_containers(client):
-        if c.labels.get("airlock.run") not in before and c.status == "running":
-            return c.labels["airlock.run"]
+        labels = c.get("Labels") or {}
+        if labels.get("airlock.run") in ids and c.get("State") == "running":
+            return str(labels["airlock.run"])
     return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def test_kill_9_of_the_host_ends_the_sandbox(engine, tmp_path):
     proc = _start_cli(tmp_path, "--", "sleep", "120")
-    assert wait_for(lambda: _run_label(engine, set()) is not None, 30), proc.stderr
+    assert wait_for(lambda: _own_run(engine, tmp_path) is not None, 30), proc.stderr
+    run_id = _own_run(engine, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert wait_for(lambda: not managed_containers(engine), 15), managed_containers(engine)
+    assert wait_for(lambda: not managed_containers(engine, run_id), 15)
     run_dir = next(tmp_path.iterdir())
     assert verify_log(run_dir / "events.jsonl", run_id=run_dir.name) == []
     assert not (run_dir / "report.json").exists()
-    assert wait_for(lambda: not list(Path(tempfile.gettempdir()).glob("airlock-run-*")), 15)
+    def own_scratch() -> list[Path]:
+        return [d for d in Path(tempfile.gettempdir()).glob("airlock-run-*")
+                if f":{proc.pid}:" in _read(d / "owner")]
+
+    assert wait_for(lambda: not own_scratch(), 15)
 
 
 def test_ctrl_c_ends_the_run_as_interrupted(engine, tmp_path):
     proc = _start_cli(tmp_path, "--", "sleep", "120")
-    assert wait_for(lambda: _run_label(engine, set()) is not None, 30)
+    assert wait_for(lambda: _own_run(engine, tmp_path) is not None, 30)
+    run_id = _own_run(engine, tmp_path)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 130
     report = json.loads(next(tmp_path.iterdir()).joinpath("report.json").read_text())
     assert report["status"] == "interrupted"
-    assert not managed_containers(engine)
+    assert not managed_containers(engine, run_id)
 
 
 class SocketRelay:
@@ -202,7 +222,8 @@ def test_engine_lost_mid_run_ends_clearly_and_leaks_nothing(engine, tmp_path):
     relay = SocketRelay("/var/run/docker.sock", tmp_path / "engine.sock")
     proc = _start_cli(tmp_path / "runs", "--", "sleep", "120",
                       env={"DOCKER_HOST": f"unix://{tmp_path}/engine.sock"})
-    assert wait_for(lambda: _run_label(engine, set()) is not None, 30), proc
+    assert wait_for(lambda: _own_run(engine, tmp_path / "runs") is not None, 30), proc
+    run_id = _own_run(engine, tmp_path / "runs")
     relay.cut()
     code = proc.wait(timeout=60)
     assert code == 3, proc.stderr.read()
@@ -211,21 +232,26 @@ def test_engine_lost_mid_run_ends_clearly_and_leaks_nothing(engine, tmp_path):
     # The engine is back (the relay is gone, the default socket answers): the reaper,
     # or the next run's gc, removes what the run could not.
     subprocess.run([*AIRLOCK, "gc"], cwd=ROOT, capture_output=True, check=True)
-    assert wait_for(lambda: not managed_containers(engine), 30)
+    assert wait_for(lambda: not managed_containers(engine, run_id), 30)
 
 
 @pytest.mark.slow
 def test_many_consecutive_runs_leave_nothing_behind(engine, tmp_path):
     from runner import execute
 
-    tmp_before = set(Path(tempfile.gettempdir()).glob("airlock-*"))
+    tmp_before = {d for d in Path(tempfile.gettempdir()).glob("airlock-*")
+                  if f":{os.getpid()}:" in _read(d / "owner")}
+    ids = []
     for i in range(100):
         result = execute(["sh", "-c", f"echo {i}"], agent="command", runs_dir=tmp_path)
         assert result.exit_code == 0, result.error
-    assert not managed_containers(engine)
+        ids.append(result.run_id)
+    assert not any(managed_containers(engine, run_id) for run_id in ids)
     assert not engine.networks.list(filters={"label": "airlock.managed"})
     assert not engine.volumes.list(filters={"label": "airlock.managed"})
-    assert set(Path(tempfile.gettempdir()).glob("airlock-*")) <= tmp_before
+    tmp_after = {d for d in Path(tempfile.gettempdir()).glob("airlock-*")
+                 if f":{os.getpid()}:" in _read(d / "owner")}
+    assert tmp_after <= tmp_before
     assert len(list(tmp_path.iterdir())) == 100
 
 
