@@ -28,7 +28,19 @@ def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> 
         info = engine.info()
         ok(f"engine: Docker {info.version} at {info.endpoint}")
         for rt in ("runc", "runsc"):
-            if rt in info.runtimes:
+            if rt == "runsc" and rt in info.runtimes:
+                args = set(engine.runtime_args("runsc"))
+                missing = [a for a in ("--network=none", "--oci-seccomp") if a not in args]
+                if not args & {"--host-uds=open", "--host-uds=all"}:
+                    missing.append("--host-uds=open")
+                if missing:
+                    bad(f"runtime runsc is registered without {' '.join(missing)} (without "
+                        "--oci-seccomp gVisor ignores the seccomp profile)",
+                        "add them to the runsc runtimeArgs in the engine's daemon.json and "
+                        "restart the engine")
+                else:
+                    ok("runtime runsc registered with --network=none --host-uds --oci-seccomp")
+            elif rt in info.runtimes:
                 ok(f"runtime {rt} registered")
             else:
                 bad(f"runtime {rt} is not registered with the engine",

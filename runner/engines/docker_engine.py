@@ -106,6 +106,11 @@ class DockerEngine(Engine):
             endpoint=self.client.api.base_url,
         )
 
+    def runtime_args(self, name: str) -> list[str]:
+        """The arguments the engine passes to a registered OCI runtime."""
+        runtime = (self.client.info().get("Runtimes") or {}).get(name) or {}
+        return [str(a) for a in runtime.get("runtimeArgs") or []]
+
     def image_present(self, tag: str) -> bool:
         import docker.errors
 

@@ -143,8 +143,11 @@ def run_selftest(cfg: dict[str, Any], bridges: list[dict[str, Any]]) -> dict[str
     if expected:
         checks.append(_check("runtime", runtime == expected, f"detected {runtime}"))
     seccomp = _status_field("Seccomp")
+    # Under gVisor this is 2 only when runsc runs with --oci-seccomp; an engine that
+    # registered runsc without it would run the sandbox with no filter at all.
+    checks.append(_check("seccomp", seccomp == "2", f"Seccomp={seccomp}"))
     if runtime == "runc":
-        checks.append(_check("seccomp", seccomp == "2", f"Seccomp={seccomp}"))
+        # gVisor has no NoNewPrivs line in /proc/self/status.
         nnp = _status_field("NoNewPrivs")
         checks.append(_check("no-new-privileges", nnp == "1", f"NoNewPrivs={nnp}"))
     return {"ok": all(c["ok"] for c in checks), "checks": checks, "runtime": runtime}
