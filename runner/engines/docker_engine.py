@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -25,15 +26,58 @@ from runner.engines.base import (
 )
 from runner.errors import NotReady
 
+# What selects the engine; a client made for one set of these serves only that set.
+_ENGINE_ENV = ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH",
+               "DOCKER_CONFIG")
+_shared: dict[tuple[Any, ...], Any] = {}
+_shared_lock = threading.Lock()
+POOL_SIZE = 64  # concurrent runs each hold two streaming calls (attach, wait)
 
-def _client(timeout: int = 60) -> Any:
+
+def _negotiate(client: Any) -> None:
+    """Ping the engine and adopt the API version its answer names.
+
+    One round trip instead of the SDK's ping plus `GET /version`: `/_ping` carries
+    the server's API version in a header. The client speaks the lower of that and
+    the newest version the SDK knows.
+    """
+    import docker.constants
+    import docker.utils
+
+    api = client.api
+    resp = api._get(api._url("/_ping", versioned_api=False))
+    api._raise_for_status(resp)
+    server = resp.headers.get("Api-Version")
+    if not server:
+        api._version = api._retrieve_server_version()
+        return
+    newest = docker.constants.DEFAULT_DOCKER_API_VERSION
+    api._version = server if docker.utils.version_lt(server, newest) else newest
+
+
+def _client(timeout: int = 60, *, shared: bool = False) -> Any:
+    """A docker SDK client that has just answered a ping.
+
+    With `shared`, one client per process and engine address is kept and reused (a
+    process running many sandboxes pays for the connection and the version once);
+    it is pinged again on every call, so an engine that went away is noticed here.
+    """
     import docker
-    import docker.errors
 
+    key = (os.getpid(), timeout, *(os.environ.get(k) for k in _ENGINE_ENV))
     try:
-        client = docker.from_env(timeout=timeout)
+        with _shared_lock:
+            client = _shared.get(key) if shared else None
+            if client is None:
+                client = docker.from_env(timeout=timeout, max_pool_size=POOL_SIZE,
+                                         version=docker.constants.MINIMUM_DOCKER_API_VERSION)
+                _negotiate(client)
+                if shared:
+                    _shared.clear()  # another process's or address's client is of no use
+                    _shared[key] = client
+                return client
         client.ping()
-    except docker.errors.DockerException as exc:
+    except Exception as exc:  # the SDK's errors, and requests' when nothing answers
         where = os.environ.get("DOCKER_HOST") or "the default socket"
         raise NotReady(
             f"no Docker Engine answers at {where} ({_short(exc)})",
@@ -94,7 +138,7 @@ class DockerEngine(Engine):
     name = "docker"
 
     def __init__(self, client: Any | None = None) -> None:
-        self.client = client or _client()
+        self.client = client or _client(shared=True)
 
     def info(self) -> EngineInfo:
         info = self.client.info()
@@ -164,8 +208,9 @@ class DockerEngine(Engine):
                 detach=True,
             )
         except docker.errors.ImageNotFound:
-            raise NotReady(f"image {spec.image} is missing",
-                           hint="run `airlock images build`") from None
+            name = spec.image.split("/", 1)[-1].split(":", 1)[0]
+            raise NotReady(f"image {spec.image} is not built",
+                           hint=f"run `airlock images build {name}`") from None
         except docker.errors.APIError as exc:
             message = exc.explanation or str(exc)
             if "runtime" in str(message).lower():

@@ -22,7 +22,7 @@ from typing import Any
 
 from runner.agents import Agent, AgentContext
 from runner.engines import Engine, Sandbox, get_engine
-from runner.errors import AirlockError, BadInput, ExitCode, NotReady
+from runner.errors import AirlockError, BadInput, ExitCode
 from runner.events import BudgetExceeded, Budgets, Event, EventLog
 from runner.images.build import image_tag
 from runner.policy.compile import RUN_DIR_IN_SANDBOX, SandboxInputs, container_spec
@@ -171,9 +171,7 @@ class Run:
         try:
             engine = self.o.engine or get_engine()
             image = image_tag(agent.image)
-            if not engine.image_present(image):
-                raise NotReady(f"image {image} is not built",
-                               hint=f"run `airlock images build {agent.image}`")
+            # No separate presence check: create() answers a missing image with NotReady.
             run_dir = scratch / "run"
             run_dir.mkdir(mode=0o755)
             os.chmod(run_dir, 0o755)
