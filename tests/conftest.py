@@ -148,10 +148,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     import docker
 
-    client = docker.from_env()
-    left = client.containers.list(all=True, filters={"label": "airlock.managed"})
-    left += client.networks.list(filters={"label": "airlock.managed"})  # type: ignore[arg-type]
-    left += client.volumes.list(filters={"label": "airlock.managed"})  # type: ignore[arg-type]
+    try:
+        api = docker.from_env(timeout=180).api
+        label = {"label": "airlock.managed"}
+        left = [c["Id"][:12] for c in api.containers(all=True, filters=label)]
+        left += [n["Id"][:12] for n in api.networks(filters=label)]
+        left += [v["Name"] for v in (api.volumes(filters=label) or {}).get("Volumes") or []]
+    except Exception as exc:  # noqa: BLE001 - report, do not hide the suite's own result
+        sys.stderr.write(f"\ncould not check for leftovers: {exc}\n")
+        session.exitstatus = 1
+        return
     if left:
         sys.stderr.write(f"\nLEFT BEHIND by the suite: {left}\n")
         session.exitstatus = 1
