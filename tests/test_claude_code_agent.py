@@ -28,10 +28,12 @@ from runner.agents.claude_code import (
     CONFIG_DIR,
     DEFAULT_TOOLS,
     MCP_CONFIG,
+    PROMPT_FILE,
     ClaudeCodeAgent,
     builtin_tools,
 )
 from runner.agents.claude_code_stream import StreamParser
+from runner.errors import BadInput
 from runner.images.catalog import CLAUDE_CODE_VERSION
 from runner.mcp import ToolFailure
 from runner.policy.loader import policy_from_dict
@@ -120,7 +122,8 @@ def run_claude(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: list[Any
                *, policy: dict[str, Any] | None = None, agent: ClaudeCodeAgent | None = None,
                python_tools: list[Callable[..., Any]] | None = None,
                workspace: Path | None = None, loop: bool = False,
-               provider_port: list[int] | None = None) -> Outcome:
+               provider_port: list[int] | None = None,
+               task: str = "Do the task the scripted model decides.") -> Outcome:
     monkeypatch.setenv(KEY_ENV, KEY)
     stdout = bytearray()
 
@@ -133,7 +136,7 @@ def run_claude(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: list[Any
             provider_port.append(up.port)
         options = RunOptions(
             policy=cc_policy(up.url, policy), agent=agent or ClaudeCodeAgent(),
-            task=["Do the task the scripted model decides."], workspace=workspace,
+            task=[task], workspace=workspace,
             runs_dir=tmp_path / "runs", python_tools=python_tools or [],
             host_addresses=host_addresses(), on_output=on_output)
         result = run(options)
@@ -177,7 +180,10 @@ def test_registered_and_configured_for_an_unattended_run() -> None:
     assert isinstance(agent, ClaudeCodeAgent) and agent.image == "claude-code"
     ctx = ctx_for(cc_policy("http://127.0.0.1:1"), mcp=True)
     argv = agent.argv(ctx)
-    assert argv[:2] == ["claude", "-p"]
+    # The prompt is a file on stdin: any size, never read as a flag, not in argv.
+    assert argv[:5] == ["/bin/sh", "-c", f'exec "$@" < {PROMPT_FILE}', "sh", "claude"]
+    assert argv[5] == "-p" and not any("prompt, not a flag" in a for a in argv)
+    assert agent.files(ctx)[PROMPT_FILE] == "-rf is a prompt, not a flag"
     assert flag(argv, "--output-format") == "stream-json" and "--verbose" in argv
     assert flag(argv, "--permission-mode") == "dontAsk"
     assert flag(argv, "--tools").split(",") == list(DEFAULT_TOOLS)
@@ -189,7 +195,6 @@ def test_registered_and_configured_for_an_unattended_run() -> None:
     settings = json.loads(flag(argv, "--settings"))
     assert settings["disableAllHooks"] is True
     assert flag(argv, "--mcp-config") == MCP_CONFIG and flag(argv, "--model") == MODEL
-    assert argv[-2:] == ["--", "-rf is a prompt, not a flag"]
 
     mcp = json.loads(agent.files(ctx)[MCP_CONFIG])
     assert mcp == {"mcpServers": {"airlock": {
@@ -208,7 +213,9 @@ def test_registered_and_configured_for_an_unattended_run() -> None:
     argv = bare.argv(ctx_for(cc_policy("http://127.0.0.1:1"), mcp=False))
     assert "--mcp-config" not in argv and "--strict-mcp-config" in argv
     assert "mcp__airlock" not in flag(argv, "--allowedTools")
-    assert bare.files(ctx_for(cc_policy("http://127.0.0.1:1"), mcp=False)) == {}
+    assert set(bare.files(ctx_for(cc_policy("http://127.0.0.1:1"), mcp=False))) == {PROMPT_FILE}
+    with pytest.raises(BadInput):
+        bare.argv(ctx_for(cc_policy("http://127.0.0.1:1"), mcp=False, task="  "))
 
 
 def test_builtin_tools_follow_the_policy() -> None:
@@ -456,6 +463,13 @@ def test_edit_in_copy_mode_returns_a_patch_and_loads_no_other_config(airlock, tm
     # What the provider got: the real key (the gateway's), the run's model, the
     # default tools, and none of the workspace's or the host's configuration.
     assert len(requests) == 5
+    # The only traffic the CLI made: the model API (no telemetry, update checks,
+    # feature flags, token counting, ...), and the gateway refused nothing but the
+    # self-test's probe.
+    assert {(q.method, q.path, q.query) for q in up.requests} == {
+        ("POST", "/v1/messages", "beta=true")}
+    refused = [e["data"]["path"] for e in events if e["type"] == "provider.refused"]
+    assert set(refused) <= {"/airlock/health"}, refused
     for q in requests:
         assert q.header("x-api-key") == KEY and q.body["model"] == MODEL
         assert q.tool_names == sorted(DEFAULT_TOOLS)
@@ -609,15 +623,25 @@ def test_step_budget_stops_a_run_that_keeps_using_tools(tmp_path, monkeypatch):
     assert len(out.generation) <= 6
 
 
+@pytest.mark.usefixtures("claude_code_image")
+def test_a_long_prompt_reaches_the_model_whole(tmp_path, monkeypatch):
+    # Past what one argv string may hold (128 KiB): the prompt goes in on stdin.
+    prompt = "-p starts like a flag. " + "lorem ipsum " * 30_000 + "END-OF-PROMPT"
+    out = run_claude(tmp_path, monkeypatch, [{"text": "Read it all."}], task=prompt)
+    assert out.result.exit_code == 0, out.of("agent.error")
+    (q,) = out.generation
+    sent = q.body["messages"][0]["content"]
+    texts = [b["text"] for b in sent if isinstance(b, dict) and b.get("type") == "text"]
+    assert prompt in texts
+
+
 # -- recording the fixtures ------------------------------------------------------------
 
 class PartialMessages(ClaudeCodeAgent):
     """Also --include-partial-messages, to record stream_event lines."""
 
     def argv(self, ctx: AgentContext) -> list[str]:
-        argv = super().argv(ctx)
-        i = argv.index("--")
-        return [*argv[:i], "--include-partial-messages", *argv[i:]]
+        return [*super().argv(ctx), "--include-partial-messages"]
 
 
 def record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, script: Any,

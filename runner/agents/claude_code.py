@@ -3,8 +3,10 @@
 What the CLI gets, and why:
 - `-p --output-format stream-json --verbose`: one JSON object per line on stdout
   (parsed by runner/agents/claude_code_stream.py); `--verbose` is what makes `-p`
-  emit every message rather than only the result. The prompt comes last, after `--`,
-  so a prompt that starts with `-` is a prompt and not a flag.
+  emit every message rather than only the result. The prompt is a file the shim
+  writes, read on stdin (`claude -p` with no prompt argument reads it there): no limit
+  on its size (one argv string is capped at 128 KiB), never taken for a flag, and not
+  in the process list.
 - `--permission-mode dontAsk` with an explicit `--allowedTools`: nothing ever prompts
   (nobody is there to answer), and a tool not on the list is denied rather than run;
   denials show in the result's `permission_denials`. The list is exactly the tools the
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import shlex
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +54,7 @@ from runner.policy.models import SANDBOX_HOME, Policy
 
 CONFIG_DIR = f"{SANDBOX_HOME}/.claude"
 MCP_CONFIG = f"{CONFIG_DIR}/airlock/mcp.json"
+PROMPT_FILE = f"{CONFIG_DIR}/airlock/prompt.txt"
 MCP_SERVER = "airlock"
 DEFAULT_TOOLS = ("Bash", "Read", "Edit", "Write", "Glob", "Grep", "NotebookEdit")
 WEB_TOOLS = ("WebFetch", "WebSearch")
@@ -119,10 +123,14 @@ class ClaudeCodeAgent(Agent):
             allowed.append(f"mcp__{MCP_SERVER}")
         return allowed
 
-    def argv(self, ctx: AgentContext) -> list[str]:
+    def prompt(self, ctx: AgentContext) -> str:
         prompt = " ".join(ctx.task).strip()
         if not prompt:
             raise BadInput("--agent claude-code needs a prompt after `--`")
+        return prompt
+
+    def argv(self, ctx: AgentContext) -> list[str]:
+        self.prompt(ctx)
         tools = self.tools_for(ctx)
         denied = [t for t in WEB_TOOLS if t not in tools]
         argv = [
@@ -147,7 +155,7 @@ class ClaudeCodeAgent(Agent):
             argv += ["--mcp-config", MCP_CONFIG]
         if ctx.model:
             argv += ["--model", ctx.model]
-        return [*argv, "--", prompt]
+        return ["/bin/sh", "-c", f'exec "$@" < {shlex.quote(PROMPT_FILE)}', "sh", *argv]
 
     def env(self, ctx: AgentContext) -> dict[str, str]:
         env = {"CLAUDE_CONFIG_DIR": CONFIG_DIR, **QUIET_ENV}
@@ -168,9 +176,10 @@ class ClaudeCodeAgent(Agent):
         return {"mcpServers": servers}
 
     def files(self, ctx: AgentContext) -> dict[str, str]:
-        if not ctx.endpoints.get("AIRLOCK_MCP_URL"):
-            return {}
-        return {MCP_CONFIG: json.dumps(self.mcp_config(ctx), indent=2)}
+        files = {PROMPT_FILE: self.prompt(ctx)}
+        if ctx.endpoints.get("AIRLOCK_MCP_URL"):
+            files[MCP_CONFIG] = json.dumps(self.mcp_config(ctx), indent=2)
+        return files
 
     # -- the stream ----------------------------------------------------------------
 
