@@ -216,6 +216,10 @@ def test_registered_and_configured_for_an_unattended_run() -> None:
     assert set(bare.files(ctx_for(cc_policy("http://127.0.0.1:1"), mcp=False))) == {PROMPT_FILE}
     with pytest.raises(BadInput):
         bare.argv(ctx_for(cc_policy("http://127.0.0.1:1"), mcp=False, task="  "))
+    no_provider = ctx_for(cc_policy("http://127.0.0.1:1"), mcp=False)
+    no_provider.endpoints = {"OPENAI_BASE_URL": "http://127.0.0.1:41001/v1"}
+    with pytest.raises(BadInput, match="Anthropic Messages"):
+        bare.argv(no_provider)
 
 
 def test_builtin_tools_follow_the_policy() -> None:
@@ -414,7 +418,8 @@ def test_edit_in_copy_mode_returns_a_patch_and_loads_no_other_config(airlock, tm
         tool("Edit", file_path="/workspace/hello.txt", old_string="hello world",
              new_string="hello airlock"),
         tool("Write", file_path="/workspace/notes/new.txt", content="created inside\n"),
-        bash("cat /workspace/hello.txt && ls -a /workspace && env | sort"),
+        bash("cat /workspace/hello.txt && ls -a /workspace && grep ' /home/airlock' "
+             "/proc/mounts && env | sort"),
         {"text": "Edited hello.txt and wrote notes/new.txt."},
     ]
     with ScriptedProvider(script, api_key=KEY) as up:
@@ -455,6 +460,9 @@ def test_edit_in_copy_mode_returns_a_patch_and_loads_no_other_config(airlock, tm
 
     # What the sandbox saw: the gateway and its placeholder key, nothing of the host's.
     env_out = next(e["data"]["output"] for e in events if e["type"] == "agent.command")
+    # The config home is a tmpfs of its own, inside the home tmpfs; nothing is on disk.
+    assert "tmpfs /home/airlock/.claude tmpfs rw,nosuid,nodev,noexec" in env_out
+    assert "tmpfs /home/airlock tmpfs rw,nosuid,nodev,noexec" in env_out
     assert "ANTHROPIC_BASE_URL=http://127.0.0.1:41001" in env_out
     assert "ANTHROPIC_API_KEY=airlock-placeholder-key" in env_out
     for leaked in ("sk-host-should-not-pass", "CLAUDE_CODE_USE_BEDROCK", str(host_home),
@@ -621,6 +629,27 @@ def test_step_budget_stops_a_run_that_keeps_using_tools(tmp_path, monkeypatch):
     assert (out.result.budgets["steps"]["used"] or 0) >= 4
     # Stopped at once: the scripted provider is not asked for many more turns.
     assert len(out.generation) <= 6
+
+
+class WithoutWrite(ClaudeCodeAgent):
+    """Offers Write but leaves it off the allowlist: what dontAsk does with that."""
+
+    def allowed_tools(self, ctx: AgentContext) -> list[str]:
+        return [t for t in super().allowed_tools(ctx) if t != "Write"]
+
+
+@pytest.mark.usefixtures("claude_code_image")
+def test_a_tool_outside_the_allowlist_is_denied_not_run(tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    script = [tool("Write", file_path="/workspace/x.txt", content="x"), {"text": "Denied."}]
+    out = run_claude(tmp_path, monkeypatch, script, workspace=ws, agent=WithoutWrite())
+    assert out.result.exit_code == 0
+    (change,) = out.of("agent.file_change")
+    assert change["ok"] is False and "denied" in change["error"]
+    result = out.of("agent.result")[0]
+    assert [d["tool_name"] for d in result["permission_denials"]] == ["Write"]
+    assert out.result.patch is None  # fail closed: nothing was written
 
 
 @pytest.mark.usefixtures("claude_code_image")

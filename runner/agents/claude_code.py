@@ -131,6 +131,10 @@ class ClaudeCodeAgent(Agent):
 
     def argv(self, ctx: AgentContext) -> list[str]:
         self.prompt(ctx)
+        if "ANTHROPIC_BASE_URL" not in ctx.endpoints:
+            raise BadInput("--agent claude-code needs a provider that speaks the Anthropic "
+                           "Messages API (policy provider.backend anthropic, vertex or "
+                           "gateway, and a network mode other than none)")
         tools = self.tools_for(ctx)
         denied = [t for t in WEB_TOOLS if t not in tools]
         argv = [
