@@ -17,6 +17,7 @@ class AgentContext:
     model: str | None = None
     endpoints: dict[str, str] = field(default_factory=dict)  # env the services provide
     workspace: str | None = None
+    mcp_tools: list[str] = field(default_factory=list)  # what the run's MCP server exposes
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,8 @@ class Run:
                                     lambda: self.log.emit("control.refused", "host"))
             ctx = AgentContext(policy=p, task=self.o.task, model=self._model(),
                                endpoints=endpoints,
-                               workspace=WORKSPACE_PATH if prepared.host_path else None)
+                               workspace=WORKSPACE_PATH if prepared.host_path else None,
+                               mcp_tools=list(self.mcp_server.tool_names) if self.mcp_server else [])
             env = self._agent_env(agent, ctx)
             shim_cfg = {
                 "run_id": self.run_id,
