@@ -32,7 +32,7 @@ from runner.policy.models import SANDBOX_HOME, Policy
 from runner.run.hostaddrs import host_addresses
 from runner.run.orchestrator import RunOptions, run
 from runner.testing.scripted_provider import RecordedRequest, ScriptedProvider
-from tests.conftest import AIRLOCK, ROOT, write_policy
+from tests.conftest import AIRLOCK, ROOT, RUNTIMES, write_policy
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "codex"
 KEY_ENV = "AIRLOCK_TEST_CODEX_KEY"
@@ -51,7 +51,7 @@ MCP_BUILTINS = {"list_mcp_resources", "list_mcp_resource_templates", "read_mcp_r
 def _ctx(endpoints: dict[str, str] | None = None, task: list[str] | None = None,
          workspace: str | None = "/workspace", model: str | None = MODEL) -> AgentContext:
     ep = {"OPENAI_BASE_URL": "http://127.0.0.1:41001/v1", "OPENAI_API_KEY": "placeholder"}
-    return AgentContext(policy=Policy(), task=task or ["fix", "it"], model=model,
+    return AgentContext(policy=Policy.model_validate({}), task=task or ["fix", "it"], model=model,
                         endpoints=ep if endpoints is None else endpoints, workspace=workspace)
 
 
@@ -131,7 +131,7 @@ def test_generated_config_is_the_whole_policy():
 def test_mcp_tool_names_become_the_allowlist_when_known():
     ctx = _ctx(endpoints={"OPENAI_BASE_URL": "http://x/v1", "AIRLOCK_MCP_URL": "http://y/mcp",
                           "AIRLOCK_MCP_TOKEN": "t"})
-    ctx.mcp_tools = ["submit_result"]  # type: ignore[attr-defined]
+    ctx.mcp_tools = ["submit_result"]
     server = CodexAgent().config(ctx)["mcp_servers"]["airlock"]
     assert server["enabled_tools"] == ["submit_result"]
 
@@ -388,8 +388,8 @@ def _completed(events: list[dict], etype: str) -> list[dict]:
 
 
 def _codex(airlock, policy: str, workspace: Path | None, *, env: dict[str, str] | None = None,
-           prompt: str = "Fix hello.txt"):
-    args = ["run", "--agent", "codex", "--policy", policy, "--json"]
+           prompt: str = "Fix hello.txt", runtime: str = "runc"):
+    args = ["run", "--agent", "codex", "--policy", policy, "--runtime", runtime, "--json"]
     if workspace is not None:
         args += ["--workspace", str(workspace)]
     return airlock(*args, "--", prompt, env={KEY_ENV: KEY, **(env or {})}, timeout=300)
@@ -397,8 +397,9 @@ def _codex(airlock, policy: str, workspace: Path | None, *, env: dict[str, str] 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("codex_image")
+@pytest.mark.parametrize("runtime", RUNTIMES)
 def test_edit_in_copy_mode_returns_a_patch_and_leaves_the_host_untouched(
-        airlock, tmp_path, workspace):
+        airlock, tmp_path, workspace, runtime):
     before = _digest(workspace)
     patch = ("*** Begin Patch\n*** Update File: src/app.py\n@@\n-print('app')\n"
              "+print('patched')\n*** Add File: NEW.md\n+added by codex\n*** End Patch\n")
@@ -409,7 +410,7 @@ def test_edit_in_copy_mode_returns_a_patch_and_leaves_the_host_untouched(
         {"text": "Done: edited hello.txt, src/app.py and added NEW.md."},
     ]
     with ScriptedProvider(script, api_key=KEY) as up:
-        r = _codex(airlock, _policy_yaml(tmp_path, up), workspace)
+        r = _codex(airlock, _policy_yaml(tmp_path, up), workspace, runtime=runtime)
     assert r.code == 0, (r.stdout[-3000:], r.stderr[-3000:])
     report = r.report
     assert report["status"] == "succeeded" and report["agent"] == "codex"
@@ -437,7 +438,9 @@ def test_edit_in_copy_mode_returns_a_patch_and_leaves_the_host_untouched(
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("codex_image")
-def test_escapes_fail_inside_and_each_attempt_is_on_record(airlock, tmp_path, workspace, canary):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_escapes_fail_inside_and_each_attempt_is_on_record(airlock, tmp_path, workspace, canary,
+                                                           runtime):
     addrs = host_addresses()
     assert addrs, "the host has no address to test against"
     secret = tmp_path / "host-secret.txt"
@@ -456,9 +459,10 @@ def test_escapes_fail_inside_and_each_attempt_is_on_record(airlock, tmp_path, wo
                          for cmd in attempts.values()]
     script.append({"text": "Nothing worked."})
     with ScriptedProvider(script, api_key=KEY) as up:
-        r = _codex(airlock, _policy_yaml(tmp_path, up), workspace)
+        r = _codex(airlock, _policy_yaml(tmp_path, up), workspace, runtime=runtime)
     assert r.code == 0, (r.stdout[-3000:], r.stderr[-3000:])
     events = r.events()
+    assert next(e for e in events if e["type"] == "run.start")["data"]["runtime"] == runtime
     done = [e["data"] for e in _completed(events, "agent.command")]
     started = [e for e in events
                if e["type"] == "agent.command" and e["data"]["phase"] == "started"]
@@ -468,7 +472,10 @@ def test_escapes_fail_inside_and_each_attempt_is_on_record(airlock, tmp_path, wo
         assert cmd.split()[0] in got["command"], (name, got)
         assert got["ok"] is False and got["exit_code"] not in (0, None), (name, got)
         outputs[name] = got["output"]
-    assert "Read-only file system" in outputs["write-root"]
+    # gVisor checks permissions before the mount's read-only flag (see test_boundary.py).
+    denied = ("Read-only file system",) if runtime == "runc" else (
+        "Read-only file system", "Permission denied")
+    assert any(m in outputs["write-root"] for m in denied), outputs["write-root"]
     assert "No such file" in outputs["read-host"]
     for name, out in outputs.items():
         if name.startswith("canary-"):
@@ -479,7 +486,7 @@ def test_escapes_fail_inside_and_each_attempt_is_on_record(airlock, tmp_path, wo
     # Each attempt was also an answer to the model, which saw it fail.
     outputs_sent = [item.get("output", "") for req in up.generation_requests()
                     for item in req.body["input"] if item.get("type") == "function_call_output"]
-    assert any("Read-only file system" in str(o) for o in outputs_sent)
+    assert any(m in str(o) for o in outputs_sent for m in denied)
 
 
 @pytest.mark.slow
@@ -638,3 +645,19 @@ def test_step_budget_stops_a_codex_run_that_keeps_acting(airlock, tmp_path, work
     # The run was stopped, not finished: the model was still being asked for more.
     assert not any(e["type"] == "agent.turn.completed" for e in events)
     assert len(up.generation_requests()) <= 7
+
+
+@pytest.mark.slow
+def test_feature_keys_exist_in_the_pinned_codex(engine, codex_image):
+    """Every feature the generated config names is one this Codex has, and none of them is
+    removed (a removed key is accepted and silently does nothing)."""
+    from runner.agents.codex_config import FEATURES_OFF, FEATURES_ON
+
+    out = engine.containers.run(
+        codex_image, ["sh", "-c", "mkdir -p /tmp/h && codex features list"],
+        environment={"CODEX_HOME": "/tmp/h", "HOME": "/tmp"}, network_mode="none",
+        remove=True, stderr=False).decode()
+    stages = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.strip()}
+    for name in (*FEATURES_OFF, *FEATURES_ON):
+        assert name in stages, f"{name} is not a feature of Codex {CODEX_VERSION}"
+        assert stages[name] != "removed", f"{name} was removed in Codex {CODEX_VERSION}"

@@ -35,7 +35,15 @@ FEATURES_OFF = (
     "skill_search", "goals", "guardian_approval", "realtime_conversation",
     "workspace_dependencies", "worktrees", "daemon_auto_start", "in_app_updates",
     "api_key_model_discovery", "enable_request_compression", "shell_snapshot",
-    "code_mode_host", "system_proxy_fallback", "view_image",
+    "code_mode_host", "system_proxy_fallback", "view_image", "browser_use_full_cdp_access",
+    "browser_annotation_api", "in_app_chat", "in_app_dictation", "in_app_local_automation",
+    "in_app_voice", "api_key_cyber_access_programs",
+    # A provider that cannot be reached fails the run instead of being retried forever.
+    "unbounded_connection_retries",
+    # Commands run on pipes, not a pseudo-terminal: under gVisor (runsc) a PTY-backed
+    # command never reports its end to Codex and the turn hangs until the wall-time
+    # limit. Off on every runtime, so a run behaves the same on runc and runsc.
+    "unified_exec_tty",
 )
 FEATURES_ON = ("shell_tool", "unified_exec")
 
