@@ -527,7 +527,7 @@ url = "http://127.0.0.1:9/mcp"
     before = _digest(workspace)
     script = [
         {"tool": "exec_command", "arguments": {
-            "cmd": "cat ~/.codex/config.toml; ls -A ~ ~/.codex; ls /etc/codex"}},
+            "cmd": "cat ~/.codex/config.toml; ls -A ~ ~/.codex; ls /etc/codex; env"}},
         {"text": "Looked around."},
     ]
     with ScriptedProvider(script, api_key=KEY) as up:
@@ -550,6 +550,10 @@ url = "http://127.0.0.1:9/mcp"
     assert 'model_provider = "airlock"' in out and "model_catalog_json" in out
     assert "hostextra" not in out and "HOST-CONFIG-MARKER" not in out
     assert "cannot access '/etc/codex'" in out
+    assert "/home/airlock:\n.codex\n" in out  # nothing else in HOME
+    # Commands get the core environment only: not the placeholder key, not the MCP token.
+    for name in ("OPENAI_API_KEY=", "AIRLOCK_MCP_TOKEN=", "OPENAI_BASE_URL=", KEY_ENV):
+        assert name not in out, name
     # notify never ran, the host's stdio MCP server never started.
     assert "NOTIFIED" not in (r.report["patch"] or "")
     assert "HOST_MCP_STARTED" not in (r.report["patch"] or "")
