@@ -97,18 +97,45 @@ class DockerSandbox(Sandbox):
         self._container = container
         self.id = container.id
         self.image_id = (container.attrs or {}).get("Image")
+        self._stream: Any = None
+        self._response: Any = None
+
+    def _attach(self) -> None:
+        """Attach to stdout and stderr before the start, as `docker run` does.
+
+        Attaching after the start (with `logs`) loses what a short command writes
+        between the two now and then; attached first, the stream has every byte.
+        """
+        api = self._client.api
+        response = api._post(api._url("/containers/{0}/attach", self.id),
+                             params={"stdout": 1, "stderr": 1, "stream": 1, "logs": 0},
+                             headers={"Connection": "Upgrade", "Upgrade": "tcp"}, stream=True)
+        try:
+            api._raise_for_status(response)
+            # Created with tty=False: the stream is multiplexed (no inspect needed to know).
+            self._stream = api._read_from_socket(response, True, False, demux=True)
+        except BaseException:
+            response.close()
+            raise
+        self._response = response
 
     def start(self) -> None:
         import docker.errors
 
+        with contextlib.suppress(Exception):  # output() attaches afterwards, with logs
+            self._attach()
         try:
             self._container.start()
         except docker.errors.APIError as exc:
+            if self._response is not None:
+                self._response.close()
             raise NotReady(f"the engine could not start the sandbox: {exc.explanation}") from None
 
     def output(self) -> Iterator[tuple[Literal["stdout", "stderr"], bytes]]:
-        stream = self._client.api.attach(self.id, stdout=True, stderr=True, stream=True,
-                                         logs=True, demux=True)
+        stream, self._stream = self._stream, None
+        if stream is None:
+            stream = self._client.api.attach(self.id, stdout=True, stderr=True, stream=True,
+                                             logs=True, demux=True)
         for out, err in stream:
             if out:
                 yield "stdout", out
@@ -132,6 +159,10 @@ class DockerSandbox(Sandbox):
 
         with contextlib.suppress(docker.errors.NotFound):
             self._client.api.remove_container(self.id, force=True, v=True)
+        if self._response is not None:
+            with contextlib.suppress(Exception):
+                self._response.close()
+            self._response = None
 
 
 class DockerEngine(Engine):
