@@ -32,6 +32,8 @@ MODELS = {"anthropic": "claude-sonnet-4-5", "openai": "gpt-5", "openai-compatibl
           "ollama": "llama3"}
 GENERATION_PATH = {"anthropic": "/v1/messages", "openai": "/v1/responses",
                    "openai-compatible": "/v1/chat/completions", "ollama": "/api/chat"}
+# Streamed, except Chat Completions (some compatible servers refuse `stream_options`).
+STREAMED = {"anthropic": True, "openai": True, "openai-compatible": False, "ollama": True}
 
 docker_tests = pytest.mark.usefixtures("engine", "builtin_image")
 
@@ -97,6 +99,7 @@ def test_a_tool_call_and_a_final_answer(airlock, tmp_path, backend):
     # offering its three local tools; the upstream got the real key.
     assert [g.path for g in gens] == [GENERATION_PATH[backend]] * 2
     assert all(g.body["model"] == MODELS[backend] for g in gens)
+    assert all(bool(g.body.get("stream")) is STREAMED[backend] for g in gens)
     assert sorted(gens[0].tool_names) == ["read_file", "shell", "write_file"]
     auth = [g.header("x-api-key") or g.header("authorization") or "" for g in gens]
     assert all(KEY in a for a in auth), auth

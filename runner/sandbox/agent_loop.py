@@ -1,14 +1,15 @@
 """Airlock's builtin agent: a tool-use loop that runs INSIDE the sandbox (image `builtin`).
 
     python3 -I /opt/airlock/airlock_sandbox/agent_loop.py --api anthropic --model M \
-        [--max-steps N] [--writable DIR ...] [--no-stream] -- PROMPT
+        [--max-steps N] [--writable DIR ...] [--stream | --no-stream] -- PROMPT
 
 It speaks one provider API through the official SDKs, against the gateway the
 environment names (`ANTHROPIC_BASE_URL`, `OPENAI_BASE_URL`, `OLLAMA_HOST`):
-- `anthropic`: Messages (`anthropic` SDK), streaming by default;
-- `responses`: OpenAI Responses (`openai` SDK);
-- `chat`: Chat Completions (`openai` SDK), for OpenAI-compatible servers;
-- `ollama`: Ollama's native `/api/chat` (NDJSON), over httpx.
+- `anthropic`: Messages (`anthropic` SDK), streamed;
+- `responses`: OpenAI Responses (`openai` SDK), streamed;
+- `chat`: Chat Completions (`openai` SDK), for OpenAI-compatible servers; not streamed
+  by default, as some of them refuse `stream_options` (the only way to get usage);
+- `ollama`: Ollama's native `/api/chat` (NDJSON), streamed, over httpx.
 
 Tools: `shell` (bash inside the sandbox, with a timeout and capped output), `read_file`,
 `write_file` (only under the writable paths it is given; the kernel refuses the rest
@@ -54,6 +55,7 @@ SHELL_TIMEOUT_MAX = 600
 READ_CAP = 256 * 1024
 DEFAULT_MODELS = {"anthropic": "claude-sonnet-4-5", "responses": "gpt-5", "chat": "gpt-5",
                   "ollama": "llama3"}
+STREAM_DEFAULT = {"anthropic": True, "responses": True, "chat": False, "ollama": True}
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MAX_STEPS = 0, 1, 2, 3
 
 
@@ -847,6 +849,7 @@ def parse(argv: list[str]) -> Options:
     ap.add_argument("--model", default=None)
     ap.add_argument("--max-steps", type=int, default=100)
     ap.add_argument("--writable", action="append", default=[])
+    ap.add_argument("--stream", dest="stream", action="store_true", default=None)
     ap.add_argument("--no-stream", dest="stream", action="store_false")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--system", default=None, help="replace the default system prompt")
@@ -856,8 +859,9 @@ def parse(argv: list[str]) -> Options:
         ap.error("--max-steps must be at least 1")
     return Options(api=ns.api, model=ns.model or DEFAULT_MODELS[ns.api],
                    prompt=" ".join(ns.prompt), max_steps=ns.max_steps,
-                   writable=ns.writable, stream=ns.stream, max_tokens=ns.max_tokens,
-                   system=ns.system)
+                   writable=ns.writable,
+                   stream=STREAM_DEFAULT[ns.api] if ns.stream is None else ns.stream,
+                   max_tokens=ns.max_tokens, system=ns.system)
 
 
 def main(argv: list[str] | None = None) -> int:
