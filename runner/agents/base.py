@@ -32,6 +32,9 @@ class Agent(ABC):
     image: str = "base"
     # Whether the agent's own exit code is the run's (true for `command`).
     passthrough_exit: bool = False
+    # Whether stdout is the agent's machine-readable event stream (shown to people as
+    # parsed events, not raw) rather than output meant for a person (`command`).
+    structured_stdout: bool = True
     # Paths this agent must be able to write (home, caches, config home), as tmpfs with
     # their sizes ("256m"); the policy's own tmpfs entries win over these.
     tmpfs: dict[str, str] = {}  # noqa: RUF012 - read-only class default

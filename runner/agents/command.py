@@ -10,6 +10,7 @@ class CommandAgent(Agent):
     name = "command"
     image = "base"
     passthrough_exit = True
+    structured_stdout = False
 
     def argv(self, ctx: AgentContext) -> list[str]:
         if not ctx.task:

@@ -64,6 +64,9 @@ def event_line(event: Event) -> str | None:
     if t == "provider.request":
         return (f"model {d.get('model')} {d.get('path')} -> {d.get('status')} "
                 f"({d.get('latency_ms')} ms, in {d.get('input_tokens')} out {d.get('output_tokens')})")
+    if t == "agent.message" and d.get("text"):
+        text = " ".join(str(d["text"]).split())
+        return f"agent says: {text[:500]}{'...' if len(text) > 500 else ''}"
     if t == "mcp.call":
         return f"mcp {d.get('tool')} {'ok' if d.get('ok') else 'error'} ({d.get('duration_ms')} ms)"
     skip = {"checks", "raw", "text"}
@@ -74,9 +77,11 @@ def event_line(event: Event) -> str | None:
 
 class Console:
     def __init__(self, *, json_out: bool = False, quiet: bool = False,
-                 live: bool | None = None) -> None:
+                 live: bool | None = None, hide_stdout: bool = False) -> None:
         self.json_out = json_out
         self.quiet = quiet
+        # An agent whose stdout is its event stream is shown through its parsed events.
+        self.hide_stdout = hide_stdout and not quiet
         self.live = (sys.stderr.isatty() if live is None else live) and not (json_out or quiet)
         self._budgets: Any = None
         self._t0 = time.monotonic()
@@ -115,6 +120,8 @@ class Console:
                 (sys.stderr if err else sys.stdout).flush()
 
     def on_output(self, stream: str, chunk: bytes) -> None:
+        if stream == "stdout" and self.hide_stdout:
+            return
         if self._live is not None:
             with self._lock:
                 self._rich.out(chunk.decode("utf-8", errors="replace"), end="", highlight=False)

@@ -52,12 +52,14 @@ class ImageSpec:
     description: str = ""
 
 
-def _sandbox_files() -> dict[str, Path]:
-    return {f"sandbox/{p.name}": p for p in sorted(SANDBOX_DIR.glob("*.py"))}
+def sandbox_files(*names: str) -> dict[str, Path]:
+    """In-sandbox code for an image's context. Each image takes only what it runs, so
+    editing the builtin agent's loop does not change (and rebuild) the base image."""
+    return {f"sandbox/{n}": SANDBOX_DIR / n for n in names}
 
 
 SPECS: dict[str, ImageSpec] = {
-    "base": ImageSpec("base", None, _sandbox_files(),
+    "base": ImageSpec("base", None, sandbox_files("shim.py", "selftest.py"),
                       description="Debian, python3, the in-sandbox shim, a non-root user"),
 }
 

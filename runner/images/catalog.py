@@ -6,14 +6,17 @@ when what it installs changes.
 
 from __future__ import annotations
 
-from runner.images.build import SPECS, ImageSpec, images_dir, register
+from runner.images.build import SPECS, ImageSpec, images_dir, register, sandbox_files
 
 CODEX_VERSION = "0.163.0"
 CLAUDE_CODE_VERSION = "2.1.330"
+# Exact versions: an image's tag is a digest of its inputs, so the same tag must always
+# mean the same packages.
+BUILTIN_PACKAGES = ("anthropic==2.12.0", "openai==3.54.0", "mcp==2.3.0", "httpx==0.28.1")
 
 _CANDIDATES = [
-    ImageSpec("builtin", "base",
-              pip=("anthropic>=0.40", "openai>=1.50", "mcp>=1.9", "httpx>=0.27"),
+    ImageSpec("builtin", "base", files=sandbox_files("agent_loop.py"),
+              pip=BUILTIN_PACKAGES,
               description="Airlock's own agent loop with the anthropic, openai and mcp SDKs"),
     ImageSpec("codex", "base", pip=(f"openai-codex-cli-bin=={CODEX_VERSION}",),
               description=f"the Codex CLI {CODEX_VERSION}"),

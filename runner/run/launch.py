@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from runner.agents import get_agent
@@ -42,6 +45,14 @@ def apply_overrides(policy: Policy, *, provider: str | None, runtime: str | None
     return out
 
 
+GC_BEFORE_RUN = True  # `airlock serve` turns this off in its workers: the server collects
+
+
+def _collect(engine: object, collect: Callable[[object], object]) -> None:
+    with contextlib.suppress(Exception):  # the run itself reports an engine that is away
+        collect(engine)
+
+
 def launch(*, task: list[str], policy_ref: str, agent_name: str, provider: str | None,
            model: str | None, workspace: Path | None, json_out: bool, quiet: bool,
            record: Path | None, runtime: str | None, mcp_tools: list[str],
@@ -61,9 +72,12 @@ def launch(*, task: list[str], policy_ref: str, agent_name: str, provider: str |
     if workspace is not None and not workspace.is_dir():
         raise BadInput(f"--workspace {workspace} is not a directory")
     engine = get_engine()
-    # Whatever a killed run left behind goes before a new one starts.
-    collect(engine)
-    console = Console(json_out=json_out, quiet=quiet)
+    # Whatever a killed run left behind goes while this one starts (in the background:
+    # gc removes only what belongs to processes that are gone, never this run).
+    if GC_BEFORE_RUN:
+        threading.Thread(target=_collect, args=(engine, collect), name="airlock-gc",
+                         daemon=True).start()
+    console = Console(json_out=json_out, quiet=quiet, hide_stdout=agent.structured_stdout)
     the_run = Run(RunOptions(
         policy=policy, agent=agent, task=task, workspace=workspace, model=model,
         engine=engine, record=record, listeners=[console.on_event],
