@@ -1,77 +1,115 @@
-"""Start overhead: `airlock run --agent command -- true` against bare `docker run`.
+"""Start latency: from starting a run to the command's first instruction, against `docker run`.
 
-Both use the same image and engine; the baseline is measured in the same run. Prints a
-table of medians (and p90) over N runs each, per runtime, and the ratio.
+The command is `date +%s%N` in the base image: the nanosecond clock it prints is read
+at (about) its first instruction, and containers share the host's clock, so
+"start" = that time minus the moment the run was started. "total" is until the
+run is over (container removed, report written). Subjects, each with the same image
+and engine, measured interleaved (round-robin, rotating the order) so that the load of
+a shared machine hits all alike:
 
-    .venv/bin/python benchmarks/bench_start.py [-n 10] [--runtime runc --runtime runsc]
+- `docker run --rm --network none IMAGE date +%s%N` (the baseline; `--runtime` as given);
+- `airlock run --quiet -- date +%s%N` through the CLI, in its own process;
+- the same with `airlock serve` running (the CLI hands the run to the warm server);
+- `runner.execute([...], agent="command")` from Python, in a warm process.
+
+    .venv/bin/python benchmarks/bench_start.py [-n 15] [--runtime runc --runtime runsc]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import ROOT, ensure_image, machine, median, pct, serve, table
 
-from runner.images.build import image_tag  # noqa: E402
+COMMAND = ["date", "+%s%N"]
 
 
-def timed(cmd: list[str]) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    elapsed = time.perf_counter() - t0
+def _stamp(out: bytes) -> int:
+    for line in out.decode(errors="replace").split():
+        if line.isdigit() and len(line) >= 18:
+            return int(line)
+    raise ValueError(f"no timestamp in {out[-300:]!r}")
+
+
+def timed_process(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    t0 = time.time_ns()
+    proc = subprocess.run(cmd, capture_output=True, cwd=ROOT, env=env)
+    t1 = time.time_ns()
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:6])}... failed: {proc.stderr.decode()[-500:]}")
-    return elapsed
+        raise SystemExit(f"{' '.join(cmd[:6])}... exited {proc.returncode}: "
+                         f"{proc.stderr.decode(errors='replace')[-800:]}")
+    return (_stamp(proc.stdout) - t0) / 1e9, (t1 - t0) / 1e9
 
 
-def api_run(runtime: str) -> float:
+def timed_api(runtime: str, runs_dir: Path) -> tuple[float, float]:
     from runner import execute
 
+    out: list[bytes] = []
     policy = {"extends": "default", "process": {"runtime": runtime}}
-    t0 = time.perf_counter()
-    result = execute(["true"], agent="command", policy=policy)
-    elapsed = time.perf_counter() - t0
+    t0 = time.time_ns()
+    result = execute(COMMAND, agent="command", policy=policy, runs_dir=runs_dir,
+                     on_output=lambda stream, chunk: out.append(chunk) if stream == "stdout"
+                     else None)
+    t1 = time.time_ns()
     if result.exit_code != 0:
-        raise SystemExit(f"API run failed: {result.error}")
-    return elapsed
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+        raise SystemExit(f"API run failed: {result.status} {result.error}")
+    return (_stamp(b"".join(out)) - t0) / 1e9, (t1 - t0) / 1e9
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("-n", type=int, default=10)
-    ap.add_argument("--runtime", action="append")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("-n", type=int, default=15, help="runs per subject and runtime")
+    ap.add_argument("--runtime", action="append", help="runc, runsc (default: both)")
     args = ap.parse_args()
-    image = image_tag("base")
-    airlock = [sys.executable, "-m", "runner.cli"]
+    image = ensure_image("base")
+    runs_dir = Path(tempfile.mkdtemp(prefix="airlock-bench-runs-"))
+    base_env = {**os.environ, "AIRLOCK_RUNS_DIR": str(runs_dir)}
+    local_env = {**base_env, "AIRLOCK_NO_SERVE": "1"}
+    airlock = [sys.executable, "-m", "runner.cli", "run", "--quiet"]
+    print(f"# start latency: {machine()}")
+    print(f"# {args.n} runs per subject and runtime, interleaved; image {image}\n")
     rows = []
-    for runtime in args.runtime or ["runc", "runsc"]:
-        bare_cmd = ["docker", "run", "--rm", "--network", "none", "--runtime", runtime, image, "true"]
-        cli_cmd = [*airlock, "run", "--quiet", "--runtime", runtime, "--", "true"]
-        timed(bare_cmd), timed(cli_cmd)  # warm caches
-        bare, cli, api = [], [], []
-        for _ in range(args.n):  # interleaved, so drift hits both alike
-            bare.append(timed(bare_cmd))
-            cli.append(timed(cli_cmd))
-            api.append(api_run(runtime))
-        base = statistics.median(bare)
-        for name, values in (("docker run (baseline)", bare), ("airlock CLI", cli),
-                             ("airlock Python API", api)):
-            med = statistics.median(values)
-            rows.append((runtime, name, med, pct(values, 0.9), med / base, med - base))
-    print(f"{'runtime':8} {'what':24} {'median s':>9} {'p90 s':>7} {'ratio':>6} {'added ms':>9}")
-    for runtime, name, med, p90, ratio, added in rows:
-        print(f"{runtime:8} {name:24} {med:9.3f} {p90:7.3f} {ratio:6.2f} {added * 1000:9.0f}")
+    try:
+        with serve(base_env) as served_env:
+            for runtime in args.runtime or ["runc", "runsc"]:
+                bare = ["docker", "run", "--rm", "--network", "none", "--runtime", runtime,
+                        image, *COMMAND]
+                cli = [*airlock, "--runtime", runtime, "--", *COMMAND]
+                subjects: list[tuple[str, Callable[[], tuple[float, float]]]] = [
+                    ("docker run (baseline)", lambda b=bare: timed_process(b, base_env)),
+                    ("airlock CLI", lambda c=cli: timed_process(c, local_env)),
+                    ("airlock CLI + serve", lambda c=cli: timed_process(c, served_env)),
+                    ("Python API (warm)", lambda r=runtime: timed_api(r, runs_dir)),
+                ]
+                for _name, fn in subjects:  # warm caches (and the API's imports)
+                    fn()
+                results: dict[str, list[tuple[float, float]]] = {n: [] for n, _ in subjects}
+                for i in range(args.n):
+                    k = i % len(subjects)
+                    for name, fn in subjects[k:] + subjects[:k]:
+                        results[name].append(fn())
+                base_start = median([s for s, _ in results[subjects[0][0]]])
+                base_total = median([t for _, t in results[subjects[0][0]]])
+                for name, _ in subjects:
+                    starts = [s for s, _ in results[name]]
+                    totals = [t for _, t in results[name]]
+                    ms, mt = median(starts), median(totals)
+                    rows.append((runtime, name, f"{ms * 1000:.0f}", f"{pct(starts, 90) * 1000:.0f}",
+                                 f"{ms / base_start:.2f}x", f"{(ms - base_start) * 1000:+.0f}",
+                                 f"{mt * 1000:.0f}", f"{mt / base_total:.2f}x",
+                                 f"{(mt - base_total) * 1000:+.0f}"))
+    finally:
+        shutil.rmtree(runs_dir, ignore_errors=True)
+    print(table(["runtime", "subject", "start p50 ms", "start p90 ms", "start vs docker",
+                 "start added ms", "total p50 ms", "total vs docker", "total added ms"], rows))
     return 0
 
 

@@ -1,7 +1,9 @@
 """The `airlock` command line. Exit codes follow DESIGN.md's contract.
 
 Imports of heavy modules happen inside the commands: `airlock run` is on the critical
-path of every sandbox start, and the CLI must not add much to it.
+path of every sandbox start, and the CLI must not add much to it. Even typer is
+imported only when a command needs it (`runner._lazy_typer`): with `airlock serve`
+running, `airlock run` is a standard-library client (`runner.server.client`).
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import TYPE_CHECKING, Annotated, Any
 
 from runner.errors import AirlockError, ExitCode
+
+if TYPE_CHECKING:
+    import typer
+else:
+    from runner._lazy_typer import LAZY as typer
 
 app = typer.Typer(
     name="airlock",
@@ -293,12 +298,49 @@ def conformance(
     raise typer.Exit(code)
 
 
+@app.command()
+def serve(
+    socket_path: Annotated[Path | None, typer.Option(
+        "--socket", help="Socket path (default: $XDG_RUNTIME_DIR/airlock/serve.sock, "
+        "else ~/.cache/airlock/serve/serve.sock; or $AIRLOCK_SERVE_SOCKET).")] = None,
+    spares: Annotated[int, typer.Option(help="Idle pre-forked workers kept ready.")] = 1,
+    idle_exit: Annotated[float | None, typer.Option(
+        "--idle-exit", help="Exit after this many seconds without a run.")] = None,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop the running server.")] = False,
+) -> None:
+    """Keep a warm server for this user so that `airlock run` starts fast.
+
+    `airlock run` hands its run to the server when one answers on the socket (only
+    this user can reach it) and runs in its own process otherwise. Runs behave the
+    same either way: output, exit codes, Ctrl-C, and the client's own environment.
+    """
+    from runner.server import daemon
+
+    if stop:
+        stopped = daemon.stop(socket_path)
+        typer.echo("stopped" if stopped else "no server was running", err=True)
+        return
+    try:
+        code = daemon.serve(socket_path, spares=spares, idle_exit=idle_exit)
+    except AirlockError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
 def _terminate(signum: int, frame: object) -> None:
     # SIGTERM (a CI runner cancelling a job, `kill`) ends a run as cleanly as Ctrl-C.
     raise KeyboardInterrupt
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "run":
+        # A running `airlock serve` takes the run (None: there is none, or it leaves
+        # this run to us); the client is standard library only.
+        from runner.server.client import run_via_server
+
+        code = run_via_server(sys.argv[2:])
+        if code is not None:
+            sys.exit(code)
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)

@@ -7,8 +7,10 @@ hosts sharing the engine, are left alone.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from runner.run.owner import owner_alive
 
 SCRATCH_PREFIX = "airlock-run-"
 OWNER_FILE = "owner"
+FRESH_SECONDS = 60
 
 
 @dataclass
@@ -40,6 +43,11 @@ def collect(engine: Engine | None, *, include_live: bool = False) -> GcReport:
             owner = (scratch / OWNER_FILE).read_text().strip()
         except OSError:
             owner = ""
+            # A run writes its owner file just after creating the directory: one
+            # without it that is only moments old is being set up, not left over.
+            with contextlib.suppress(OSError):
+                if time.time() - scratch.stat().st_mtime < FRESH_SECONDS:
+                    continue
         if include_live or not owner_alive(owner):
             shutil.rmtree(scratch, ignore_errors=True)
             removed.append(f"directory {scratch}")

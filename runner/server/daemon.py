@@ -1,0 +1,550 @@
+"""`airlock serve`: a per-user server that makes `airlock run` start fast.
+
+Most of what `airlock run` costs before a sandbox exists is Python importing the
+docker SDK, pydantic, typer and the rest, and negotiating with the engine. The server
+pays that once: it imports everything, then keeps a pre-forked worker (a "spare")
+blocked in accept() on its socket. A client's connection goes to the spare, which
+does the whole run as the CLI would in-process, in its own process:
+
+- in the client's working directory, with the client's stdin, stdout and stderr
+  (passed as descriptors, so output is written straight to them, never relayed);
+- with an environment made only of what the client sent: a fixed set of non-secret
+  variables, then the variables this run's policy may read (`env.allow`, the
+  provider's key variable), asked for by name. Nothing of the server's own
+  environment reaches a run;
+- Ctrl-C or SIGTERM on the client arrives as an interrupt message and becomes
+  KeyboardInterrupt in the worker's main thread, exactly as an in-process Ctrl-C:
+  the run ends `interrupted` with exit 130. A client that disappears (even by
+  SIGKILL) closes the connection, which is treated the same way.
+
+The server process itself never talks to the engine and runs no threads, so that
+forking it is safe. It replaces each spare as it is taken, reaps workers, and stands
+in for the per-process reaper: after a worker that was interrupted, failed to clean
+up or died, it runs `gc` in a forked child. Each run's objects are owned by its
+worker's pid, so gc can tell live runs from dead ones as usual.
+
+Security: the socket is 0600 in a 0700 directory of the server's user (see
+`paths`), the server answers only peers of its own uid (SO_PEERCRED), and it
+never listens on TCP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from runner.errors import AirlockError
+from runner.server import paths
+from runner.server import protocol as p
+
+GC_EVERY = 900.0  # seconds between background gc passes
+SHUTDOWN_GRACE = 30.0
+EXIT_CLEAN, EXIT_GC = 0, 3  # a worker's status: 3 asks the server to run gc
+
+
+def _log(msg: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"airlock serve[{os.getpid()}]: {msg}\n")
+        sys.stderr.flush()
+
+
+# -- what the worker does -------------------------------------------------------------
+
+
+class Worker:
+    """One connection, one run, in a process forked from the warm server."""
+
+    def __init__(self, conn: socket.socket, command: Any) -> None:
+        self.conn = conn
+        self.command = command  # the click command of the whole CLI
+        self.reader = p.Reader(conn)
+        self.interrupted = threading.Event()
+        self.done = threading.Event()
+
+    def handle(self) -> int:
+        conn = self.conn
+        pid, uid = paths.peer(conn)
+        if uid != os.geteuid():
+            _log(f"refused a connection from uid {uid} (pid {pid})")
+            return EXIT_CLEAN  # another user: not a word
+        conn.settimeout(30)
+        frame = self.reader.frame()
+        fds, self.reader.fds = self.reader.fds, []
+        try:
+            if frame is None or frame[0] != p.HELLO:
+                return EXIT_CLEAN
+            hello = p.loads(frame[1]) or {}
+            if hello.get("v") != p.VERSION or len(fds) != 3:
+                p.send(conn, p.FALLBACK, {"reason": "protocol version"})
+                return EXIT_CLEAN
+            args = [str(a) for a in hello.get("argv") or []]
+            prog = str(hello.get("prog") or "airlock")
+            try:
+                os.chdir(str(hello["cwd"]))
+            except (OSError, KeyError, TypeError):
+                p.send(conn, p.FALLBACK, {"reason": "working directory"})
+                return EXIT_CLEAN
+            base = {str(k): str(v) for k, v in (hello.get("env") or {}).items()}
+            os.environ.clear()
+            os.environ.update(base)
+            reason, names = plan(self.command, args)
+            if reason is not None:
+                p.send(conn, p.FALLBACK, {"reason": reason})
+                return EXIT_CLEAN
+            p.send(conn, p.NEED, names)
+            frame = self.reader.frame()
+            if frame is None or frame[0] != p.ENV:
+                return EXIT_CLEAN  # the client went away or was interrupted first
+            wanted = set(names)
+            given = p.loads(frame[1]) or {}
+            os.environ.update({k: str(v) for k, v in given.items() if k in wanted})
+            os.environ["AIRLOCK_NO_REAPER"] = "1"  # the server reaps for its workers
+            _log(f"run for client pid {pid}: {' '.join(args)[:200]}")
+            conn.settimeout(None)
+            _adopt_stdio(fds)
+            fds = []
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        p.send(conn, p.START)
+        threading.Thread(target=self._watch, name="airlock-serve-watch", daemon=True).start()
+        code: int | None = None
+        try:
+            try:
+                code = self._invoke(args, prog)
+            finally:
+                # From here on a late interrupt (the client leaving) must not cut the
+                # worker short: the run and its report are complete.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                self.done.set()
+        except KeyboardInterrupt:
+            pass
+        code = 130 if code is None else code
+        _release_stdio()
+        with contextlib.suppress(OSError):
+            p.send(conn, p.EXIT, {"code": code})
+        from runner.run import reaper
+
+        return EXIT_GC if (self.interrupted.is_set() or reaper._needs_gc) else EXIT_CLEAN
+
+    def _watch(self) -> None:
+        """Interrupt and end-of-connection from the client become a Ctrl-C here."""
+        main = threading.main_thread().ident
+        while True:
+            try:
+                frame = self.reader.frame()
+            except (OSError, p.ProtocolError):
+                frame = None
+            if (frame is None or frame[0] == p.INTERRUPT) and not self.interrupted.is_set() \
+                    and not self.done.is_set():
+                self.interrupted.set()
+                assert main is not None
+                signal.pthread_kill(main, signal.SIGINT)
+            if frame is None:
+                return
+
+    def _invoke(self, args: list[str], prog: str) -> int:
+        try:
+            self.command.main(args=["run", *args], prog_name=prog, standalone_mode=True)
+        except SystemExit as exc:
+            if exc.code is None or isinstance(exc.code, int):
+                return int(exc.code or 0)
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"{exc.code}\n")
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        return 0
+
+
+def plan(command: Any, args: list[str]) -> tuple[str | None, list[str]]:
+    """(why the client should run this itself, or None; the variables the run reads).
+
+    Errors in the arguments or the policy are not decided here: the run reports them
+    exactly as the in-process CLI would, so whatever cannot be parsed asks for nothing.
+    """
+    try:
+        run_cmd = command.commands["run"]
+        ctx = run_cmd.make_context("run", list(args), resilient_parsing=True)
+        params = ctx.params
+    except Exception:  # reported by the run itself
+        return None, []
+    if params.get("mcp_tool"):
+        # module:function is imported in the host process, from the client's sys.path.
+        return "--mcp-tool runs in the client's process", []
+    try:
+        from runner.policy.loader import load_policy
+        from runner.run.launch import apply_overrides
+
+        policy = apply_overrides(
+            load_policy(params.get("policy") or "default").policy,
+            provider=params.get("provider"), runtime=params.get("runtime"),
+            mcp_tools=[], mcp_servers=list(params.get("mcp_server") or []),
+            enable_tools=list(params.get("enable_tool") or []))
+    except Exception:  # reported by the run itself
+        return None, []
+    if policy.mcp.tools:
+        return "the policy's Python MCP tools run in the client's process", []
+    return None, sorted(run_env_names(policy))
+
+
+def run_env_names(policy: Any) -> set[str]:
+    """The variables of the host's environment a run under `policy` may read."""
+    names = set(policy.env.allow)
+    provider = policy.provider
+    if provider is not None:
+        from runner.gateway.backends import BACKENDS
+
+        spec = BACKENDS.get(provider.backend)
+        key = provider.api_key_env or (spec.default_key_env if spec is not None else None)
+        if key:
+            names.add(key)
+        if provider.backend == "vertex":  # application default credentials
+            names |= {"GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG",
+                      "GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CORE_PROJECT"}
+    return names
+
+
+def _adopt_stdio(fds: list[int]) -> None:
+    """Make the client's stdin, stdout and stderr this process's own."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    for target, fd in zip((0, 1, 2), fds, strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
+    encoding = getattr(sys.__stdout__, "encoding", None) or "utf-8"
+    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)),
+                                 encoding=encoding)
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
+                                  encoding=encoding, line_buffering=os.isatty(1))
+    sys.stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+                                  encoding=encoding, errors="backslashreplace",
+                                  line_buffering=True)
+
+
+def _release_stdio() -> None:
+    """Flush and let go of the client's descriptors (the client's caller sees EOF)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            os.dup2(devnull, target)
+    os.close(devnull)
+
+
+# -- the server -----------------------------------------------------------------------
+
+
+# Imported by the server so that no run pays for them: the engine, the orchestrator,
+# the console, and the services agent runs start (gateway, proxy, MCP).
+PRELOAD = ("docker", "runner.engines.docker_engine", "runner.run.launch", "runner.run.wiring",
+           "runner.events.console", "runner.gateway", "runner.gateway.proxy", "runner.mcp",
+           "rich.live")
+
+
+def preload() -> Any:
+    """Import and warm what runs use; return the CLI's click command."""
+    import importlib
+
+    import typer.main
+
+    import runner.cli as cli
+    from runner._lazy_typer import real
+
+    command = typer.main.get_command(real(cli.app))
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # a run that needs it reports the problem itself
+            _log(f"not preloaded: {name}: {exc}")
+    with contextlib.suppress(Exception):  # fills the policy compiler's caches
+        from runner.policy.compile import SandboxInputs, container_spec
+        from runner.policy.loader import load_policy
+
+        policy = load_policy("default").policy
+        for runtime in ("runc", "runsc"):
+            data = policy.model_dump(mode="json")
+            data["process"]["runtime"] = runtime
+            container_spec(type(policy).model_validate(data),
+                           SandboxInputs(image="x", run_id="x", owner="x"))
+    return command
+
+
+class Server:
+    def __init__(self, path: Path, *, spares: int = 1, idle_exit: float | None = None) -> None:
+        self.path = path
+        self.pid_path = path.with_suffix(".pid")
+        self.spares = max(1, spares)
+        self.idle_exit = idle_exit
+        self.idle: set[int] = set()
+        self.busy: set[int] = set()
+        self.gc_pids: set[int] = set()
+        self.stopping = False
+        self.last_active = time.monotonic()
+        self.spare_failures = 0
+        self.command: Any = None
+        self.listener: socket.socket | None = None
+
+    # setup ---------------------------------------------------------------------------
+
+    def _bind(self) -> socket.socket:
+        try:
+            paths.make_dir(self.path.parent)
+        except paths.InsecurePath as exc:
+            raise AirlockError(f"cannot serve: {exc}",
+                               hint="use a directory only you can reach (mode 0700)") from None
+        if self.path.exists() or self.path.is_symlink():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(self.path))
+            except OSError:
+                self.path.unlink()  # a stale socket of a server that is gone
+            else:
+                raise AirlockError(f"a server already listens at {self.path}")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is 0600 from its first instant
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        paths.check_socket(self.path)
+        sock.listen(128)
+        return sock
+
+    def serve(self) -> int:
+        self.listener = self._bind()
+        self.pid_path.write_text(f"{os.getpid()}\n")
+        try:
+            self.command = preload()
+            if threading.active_count() != 1:
+                _log("warning: threads were started while preloading; forking may be unsafe")
+            gc.collect()
+            gc.freeze()  # fewer copy-on-write pages in each worker
+            return self._loop()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        for path in (self.path, self.pid_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    # the loop ------------------------------------------------------------------------
+
+    def _loop(self) -> int:
+        notify_r, notify_w = os.pipe()
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+
+        def on_stop(signum: int, frame: Any) -> None:
+            self.stopping = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_stop)
+        signal.signal(signal.SIGCHLD, lambda s, f: None)  # only to wake the loop
+        closing = (notify_r, wake_r, wake_w)
+        _log(f"listening on {self.path}")
+        self._spawn_gc()
+        next_gc = time.monotonic() + GC_EVERY
+        try:
+            while not self.stopping:
+                if self.spare_failures >= 5:
+                    _log("workers keep failing to start; exiting (runs go in-process)")
+                    return 1
+                while len(self.idle) < self.spares:
+                    self._spawn_spare(notify_w, closing)
+                try:
+                    ready, _, _ = select.select([notify_r, wake_r], [], [], 5.0)
+                except InterruptedError:
+                    ready = []
+                if notify_r in ready:
+                    data = os.read(notify_r, 4096)
+                    for (pid,) in struct.iter_unpack("i", data[: len(data) // 4 * 4]):
+                        self.idle.discard(pid)
+                        self.busy.add(pid)
+                        self.last_active = time.monotonic()
+                if wake_r in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(wake_r, 4096)
+                self._reap()
+                now = time.monotonic()
+                if now >= next_gc:
+                    self._spawn_gc()
+                    next_gc = now + GC_EVERY
+                if (self.idle_exit is not None and not self.busy
+                        and now - self.last_active > self.idle_exit):
+                    _log("idle; exiting")
+                    break
+        finally:
+            self._shutdown()
+            signal.set_wakeup_fd(-1)
+            for fd in (notify_r, notify_w, wake_r, wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        return 0
+
+    def _spawn_spare(self, notify_w: int, closing: tuple[int, ...]) -> None:
+        assert self.listener is not None
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child never returns
+            code = 70
+            try:
+                signal.set_wakeup_fd(-1)
+                for fd in closing:
+                    os.close(fd)
+                code = _spare(self.listener, notify_w, self.command)
+            except BaseException:  # a worker must never return into the server
+                with contextlib.suppress(Exception):
+                    import traceback
+
+                    traceback.print_exc()
+            finally:
+                os._exit(code)
+        self.idle.add(pid)
+
+    def _spawn_gc(self) -> None:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child never returns
+            code = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                if self.listener is not None:
+                    self.listener.close()
+                from runner.engines.docker_engine import DockerEngine
+                from runner.run.gc import collect
+
+                collect(DockerEngine())
+                code = 0
+            except BaseException:  # the engine may be away; next time
+                pass
+            finally:
+                os._exit(code)
+        self.gc_pids.add(pid)
+
+    def _reap(self) -> None:
+        want_gc = False
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                break
+            code = os.waitstatus_to_exitcode(status)
+            if pid in self.gc_pids:
+                self.gc_pids.discard(pid)
+            elif pid in self.idle:
+                self.idle.discard(pid)
+                if not self.stopping:
+                    self.spare_failures += 1
+                    _log(f"a spare worker ended before taking a run (status {code})")
+            elif pid in self.busy:
+                self.busy.discard(pid)
+                self.last_active = time.monotonic()
+                self.spare_failures = 0
+                if code != EXIT_CLEAN:
+                    want_gc = True
+                    if code != EXIT_GC:
+                        _log(f"worker {pid} ended abnormally (status {code}); collecting")
+        if want_gc and not self.stopping:
+            self._spawn_gc()
+
+    def _shutdown(self) -> None:
+        """Stop taking runs; interrupt the ones under way and wait for them to end."""
+        self._close()  # new clients run in their own process from now on
+        for pid in self.idle:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in self.busy:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while (self.busy or self.idle or self.gc_pids) and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.05)
+        if self.busy:
+            _log(f"{len(self.busy)} run(s) still ending; leaving them to finish")
+        _log("stopped")
+
+
+def _spare(listener: socket.socket, notify_w: int, command: Any) -> int:
+    """A pre-forked worker: wait for one connection, take it, run it, exit."""
+    signal.set_wakeup_fd(-1)
+    os.setsid()  # the server's terminal's Ctrl-C is not the client's
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+    for sig in (signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    with contextlib.suppress(Exception):  # warm: a connection to the engine, pinged
+        from runner.engines.docker_engine import _client
+
+        _client(shared=True)
+    while True:
+        try:
+            conn, _ = listener.accept()
+            break
+        except InterruptedError:
+            continue
+    os.write(notify_w, struct.pack("i", os.getpid()))
+    os.close(notify_w)
+    listener.close()
+    from runner.run import launch
+
+    launch.GC_BEFORE_RUN = False  # the server collects, not each run
+    with conn:
+        return Worker(conn, command).handle()
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(path: Path | None = None, *, spares: int = 1, idle_exit: float | None = None) -> int:
+    return Server(path or paths.default_socket(), spares=spares, idle_exit=idle_exit).serve()
+
+
+def stop(path: Path | None = None, timeout: float = SHUTDOWN_GRACE + 5) -> bool:
+    """Ask the server at `path` to stop; True once it has (False: none was running)."""
+    path = path or paths.default_socket()
+    pid_path = path.with_suffix(".pid")
+    try:
+        paths.check_dir(path.parent)
+        pid = int(pid_path.read_text().strip())
+    except (OSError, ValueError, paths.InsecurePath):
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False

@@ -1,0 +1,345 @@
+"""`airlock serve`: runs handed to the warm server behave as in-process runs, and only
+the server's own user can reach it.
+
+Each test starts its own server on a private socket (AIRLOCK_SERVE_SOCKET) and talks to
+it with the real CLI (`python -m runner.cli run ...`); the server log says which runs it
+took, so a test can tell a served run from one the client ran itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import AIRLOCK, ROOT, write_policy
+
+NOBODY = 65534
+
+
+@dataclass
+class Served:
+    socket: Path
+    log: Path
+    env: dict[str, str]
+    runs: Path
+    proc: subprocess.Popen[bytes]
+
+    def client_env(self, **extra: str) -> dict[str, str]:
+        return {**self.env, **extra}
+
+    def run(self, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*AIRLOCK, "run", *args], capture_output=True, text=True,
+                              env=env or self.env, cwd=ROOT, timeout=timeout)
+
+    def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen([*AIRLOCK, "run", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env or self.env,
+                                cwd=ROOT)
+
+    def served(self, pid: int) -> bool:
+        return f"run for client pid {pid}:" in self.log.read_text()
+
+    def report(self, since: set[str]) -> dict:
+        new = sorted(set(os.listdir(self.runs)) - since)
+        assert new, "no run directory"
+        path = self.runs / new[-1] / "report.json"
+        assert _wait(path.exists, 30), f"no report in {path.parent}"
+        return json.loads(path.read_text())
+
+
+def _wait(predicate, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def _start_server(tmp_path: Path, env: dict[str, str]) -> Served:
+    # Under a directory any user may traverse, so that only the socket's own directory
+    # (0700) keeps a second user out: that is what the permission tests exercise.
+    base = Path(tempfile.mkdtemp(prefix="airlock-serve-test-"))
+    os.chmod(base, 0o755)
+    sock = base / "sock" / "serve.sock"
+    log = tmp_path / "serve.log"
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    env = {**env, "AIRLOCK_SERVE_SOCKET": str(sock), "AIRLOCK_RUNS_DIR": str(runs)}
+    env.pop("AIRLOCK_NO_SERVE", None)
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([*AIRLOCK, "serve"], env=env, cwd=ROOT, stdout=fh,
+                                stderr=subprocess.STDOUT)
+    assert _wait(lambda: "listening" in log.read_text() or proc.poll() is not None, 60)
+    assert proc.poll() is None, log.read_text()
+    return Served(sock, log, env, runs, proc)
+
+
+def _stop(served: Served) -> None:
+    served.proc.send_signal(signal.SIGTERM)
+    try:
+        served.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        served.proc.kill()
+        served.proc.wait()
+    shutil.rmtree(served.socket.parent.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def server(engine, tmp_path: Path) -> Iterator[Served]:
+    served = _start_server(tmp_path, dict(os.environ))
+    try:
+        yield served
+    finally:
+        exists_before = served.socket.exists()
+        _stop(served)
+    assert exists_before  # the server was still there at the end of the test
+
+
+def _managed(engine, run_id: str) -> list:
+    return engine.api.containers(all=True, filters={"label": f"airlock.run={run_id}"})
+
+
+# -- runs through the server ----------------------------------------------------------
+
+
+def test_exit_codes_pass_through(server: Served):
+    for cmd, code in ((["true"], 0), (["sh", "-c", "exit 7"], 7), (["false"], 1)):
+        proc = server.popen("--quiet", "--", *cmd)
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == code, err
+        assert server.served(proc.pid), server.log.read_text()
+
+
+def test_bad_input_reads_as_in_process(server: Served, tmp_path: Path):
+    """Errors come out the same, with the same exit code, whoever runs the command."""
+    bad = write_policy(tmp_path, "extends: default\nnetwork: {mode: sideways}\n")
+    for args in (["-p", bad, "--", "true"], ["--no-such-flag", "--", "true"],
+                 ["-p", "no-such-preset", "--", "true"]):
+        via = server.run(*args)
+        local = server.run(*args, env=server.client_env(AIRLOCK_NO_SERVE="1"))
+        assert via.returncode == local.returncode == 2, (via.stderr, local.stderr)
+        assert via.stderr == local.stderr
+        assert via.stdout == local.stdout
+
+
+def test_output_streams_as_it_comes(server: Served):
+    proc = server.popen("--quiet", "--", "sh", "-c",
+                        "echo one; echo err-one >&2; sleep 3; echo two")
+    assert proc.stdout is not None and proc.stderr is not None
+    t0 = time.monotonic()
+    assert proc.stdout.readline() == "one\n"
+    assert time.monotonic() - t0 < 3  # not held back until the end
+    assert proc.poll() is None
+    assert proc.stderr.readline() == "err-one\n"
+    assert proc.stdout.readline() == "two\n"
+    assert proc.wait(timeout=60) == 0
+    assert server.served(proc.pid)
+
+
+def test_json_events_on_stdout(server: Served):
+    proc = server.popen("--json", "--", "sh", "-c", "echo hello")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[0]["type"] == "run.start" and events[-1]["type"] == "run.end"
+    assert any(e["type"] == "agent.output" and "hello" in e["data"]["text"] for e in events)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_ends_the_run_interrupted(server: Served, engine, sig):
+    since = set(os.listdir(server.runs))
+    proc = server.popen("--", "sh", "-c", "echo started; sleep 60")
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "started\n"
+    proc.send_signal(sig)
+    assert proc.wait(timeout=30) == 130
+    report = server.report(since)
+    assert report["status"] == "interrupted" and report["exit_code"] == 130
+    assert _wait(lambda: not _managed(engine, report["run_id"]), 30)
+    assert server.served(proc.pid)
+
+
+def test_sigkill_of_the_client_ends_its_run(server: Served, engine):
+    since = set(os.listdir(server.runs))
+    proc = server.popen("--", "sh", "-c", "echo started; sleep 60")
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "started\n"
+    t0 = time.monotonic()
+    proc.kill()
+    proc.wait(timeout=10)
+    report = server.report(since)
+    assert time.monotonic() - t0 < 30  # ended by the dropped connection, not by `sleep`
+    assert report["status"] == "interrupted"
+    assert _wait(lambda: not _managed(engine, report["run_id"]), 30)
+
+
+def test_the_run_gets_the_clients_environment_not_the_servers(engine, tmp_path: Path):
+    policy = write_policy(tmp_path, "extends: default\nenv:\n  allow: [SERVE_T_VAR]\n")
+    served = _start_server(tmp_path, {**os.environ, "SERVE_T_VAR": "server-value",
+                                      "SERVE_T_KEY": "sk-server-key"})
+    # The client's own environment: neither variable, unless a test adds it.
+    client = {k: v for k, v in served.env.items() if k not in ("SERVE_T_VAR", "SERVE_T_KEY")}
+    try:
+        show = ["-q", "-p", policy, "--", "sh", "-c", 'echo "var=${SERVE_T_VAR-unset}"']
+        mine = served.run(*show, env={**client, "SERVE_T_VAR": "client-value"})
+        assert mine.returncode == 0, mine.stderr
+        assert mine.stdout.strip() == "var=client-value"
+        none = served.run(*show, env=client)  # the client has no such variable: nor its run
+        assert none.returncode == 0, none.stderr
+        assert none.stdout.strip() == "var=unset"
+
+        # The provider key is the client's too: the server's own key is never used.
+        keyed = write_policy(tmp_path, "extends: default\nnetwork: {mode: gateway}\n"
+                             "provider: {backend: anthropic, api_key_env: SERVE_T_KEY}\n",
+                             "keyed.yaml")
+        without = served.run("-p", keyed, "--", "true", env=client)
+        assert without.returncode == 3, without.stderr
+        assert "SERVE_T_KEY" in without.stderr and "missing" in without.stderr
+        with_key = served.run("-p", keyed, "--", "true",
+                              env={**client, "SERVE_T_KEY": "sk-client-key"})
+        assert with_key.returncode == 0, with_key.stderr
+        assert served.log.read_text().count("run for client pid") == 4
+    finally:
+        _stop(served)
+
+
+def test_without_a_server_the_client_runs_it_itself(engine, tmp_path: Path):
+    env = {**os.environ, "AIRLOCK_SERVE_SOCKET": str(tmp_path / "none" / "serve.sock"),
+           "AIRLOCK_RUNS_DIR": str(tmp_path / "runs")}
+    proc = subprocess.run([*AIRLOCK, "run", "-q", "--", "sh", "-c", "echo here; exit 5"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 5 and proc.stdout == "here\n", proc.stderr
+
+
+def test_one_server_per_socket(server: Served):
+    second = subprocess.run([*AIRLOCK, "serve"], capture_output=True, text=True,
+                            env=server.env, cwd=ROOT, timeout=60)
+    assert second.returncode == 1
+    assert "already listens" in second.stderr
+
+
+# -- only its own user ----------------------------------------------------------------
+
+
+def test_socket_is_private_to_its_user(server: Served):
+    d = server.socket.parent.stat()
+    s = server.socket.stat()
+    assert stat.S_IMODE(d.st_mode) == 0o700 and d.st_uid == os.geteuid()
+    assert stat.S_ISSOCK(s.st_mode)
+    assert stat.S_IMODE(s.st_mode) == 0o600 and s.st_uid == os.geteuid()
+
+
+def _as_other_user(action) -> int:
+    """Run `action()` in a child process as another uid; its return value is the status."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 99
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            code = action()
+        except BaseException:
+            code = 98
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")
+def test_a_second_user_cannot_reach_the_socket(server: Served):
+    def connect() -> int:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(server.socket))
+        except PermissionError:
+            return 0
+        return 1
+
+    assert _as_other_user(connect) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")
+def test_the_server_refuses_another_uid_even_if_the_socket_is_opened_up(server: Served):
+    """Defence in depth: with the modes loosened by mistake, SO_PEERCRED still says no."""
+    from runner.server import protocol as p
+
+    def hello() -> int:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(30)
+        s.connect(str(server.socket))
+        p.send(s, p.HELLO, {"v": p.VERSION, "argv": ["--", "true"], "cwd": "/", "env": {}},
+               fds=[0, 1, 2])
+        try:
+            answer = s.recv(1024)
+        except ConnectionResetError:  # closed with the hello unread
+            answer = b""
+        return 0 if answer == b"" else 1  # closed without a word
+
+    os.chmod(server.socket.parent, 0o755)
+    os.chmod(server.socket, 0o666)
+    try:
+        assert _as_other_user(hello) == 0
+    finally:
+        os.chmod(server.socket, 0o600)
+        os.chmod(server.socket.parent, 0o700)
+    assert _wait(lambda: f"refused a connection from uid {NOBODY}" in server.log.read_text(), 10)
+    assert "run for client pid" not in server.log.read_text()
+
+
+def test_the_client_ignores_a_socket_that_is_not_private(tmp_path: Path):
+    from runner.server import client, paths
+
+    d = tmp_path / "d"
+    d.mkdir(mode=0o700)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(d / "serve.sock"))
+    listener.listen(1)
+    try:
+        os.chmod(d / "serve.sock", 0o600)
+        assert client.connect(d / "serve.sock") is not None
+        for dir_mode, sock_mode in ((0o755, 0o600), (0o700, 0o666), (0o770, 0o600)):
+            os.chmod(d, dir_mode)
+            os.chmod(d / "serve.sock", sock_mode)
+            with pytest.raises(paths.InsecurePath):
+                paths.check_socket(d / "serve.sock")
+            assert client.connect(d / "serve.sock") is None
+    finally:
+        listener.close()
+
+
+def test_the_server_will_not_start_in_a_shared_directory(tmp_path: Path):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    proc = subprocess.run([*AIRLOCK, "serve", "--socket", str(shared / "serve.sock")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 1
+    assert "0700" in proc.stderr
+    assert not (shared / "serve.sock").exists()
+
+
+def test_thin_client_imports_no_heavy_modules():
+    """With a server, `airlock run` must not import typer, pydantic or the docker SDK."""
+    code = ("import sys, runner.cli, runner.server.client; "
+            "heavy = [m for m in ('typer', 'pydantic', 'docker', 'requests', 'yaml') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
