@@ -340,7 +340,11 @@ def main() -> None:
 
         code = run_via_server(sys.argv[2:])
         if code is not None:
-            sys.exit(code)
+            import os
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)  # nothing to finalise: the thin client imported next to nothing
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
