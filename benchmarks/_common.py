@@ -86,8 +86,9 @@ def machine() -> str:
 
 
 @contextmanager
-def serve(env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
-    """An `airlock serve` on a private socket; yields the environment that reaches it."""
+def serve(env: dict[str, str] | None = None) -> Iterator[tuple[dict[str, str], int]]:
+    """An `airlock serve` on a private socket; yields the environment that reaches it
+    and the server's pid."""
     tmp = Path(tempfile.mkdtemp(prefix="airlock-bench-serve-"))
     sock = tmp / "s" / "serve.sock"
     env = {**(env or os.environ), "AIRLOCK_SERVE_SOCKET": str(sock)}
@@ -103,7 +104,7 @@ def serve(env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
                                  + (tmp / "serve.log").read_text())
             time.sleep(0.05)
         time.sleep(0.5)  # the first spare warms its engine connection
-        yield env
+        yield env, proc.pid
     finally:
         proc.terminate()
         try:

@@ -78,7 +78,7 @@ def main() -> int:
     print(f"# {args.n} runs per subject and runtime, interleaved; image {image}\n")
     rows = []
     try:
-        with serve(base_env) as served_env:
+        with serve(base_env) as (served_env, _pid):
             for runtime in args.runtime or ["runc", "runsc"]:
                 bare = ["docker", "run", "--rm", "--network", "none", "--runtime", runtime,
                         image, *COMMAND]
