@@ -32,9 +32,14 @@ from runner.policy.models import SANDBOX_HOME, Policy
 from runner.run.hostaddrs import host_addresses
 from runner.run.orchestrator import RunOptions, run
 from runner.testing.scripted_provider import RecordedRequest, ScriptedProvider
-from tests.conftest import AIRLOCK, ROOT, RUNTIMES, write_policy
+from tests.conftest import AIRLOCK, ROOT, write_policy
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "codex"
+# runc only: under gVisor (runsc), Codex 0.163 now and then never reaps a finished command
+# (the shell stays a zombie) and the run ends at its wall-time limit (see FEATURES_OFF in
+# runner/agents/codex_config.py). The boundary itself is tested on both runtimes in
+# test_boundary.py.
+CODEX_RUNTIMES = ["runc"]
 KEY_ENV = "AIRLOCK_TEST_CODEX_KEY"
 KEY = "sk-codex-test-key"
 MODEL = "gpt-5.5"  # in the pinned Codex's own catalog: no metadata warning, apply_patch on
@@ -397,7 +402,7 @@ def _codex(airlock, policy: str, workspace: Path | None, *, env: dict[str, str] 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("codex_image")
-@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("runtime", CODEX_RUNTIMES)
 def test_edit_in_copy_mode_returns_a_patch_and_leaves_the_host_untouched(
         airlock, tmp_path, workspace, runtime):
     before = _digest(workspace)
@@ -438,7 +443,7 @@ def test_edit_in_copy_mode_returns_a_patch_and_leaves_the_host_untouched(
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("codex_image")
-@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("runtime", CODEX_RUNTIMES)
 def test_escapes_fail_inside_and_each_attempt_is_on_record(airlock, tmp_path, workspace, canary,
                                                            runtime):
     addrs = host_addresses()

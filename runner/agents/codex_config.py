@@ -40,9 +40,11 @@ FEATURES_OFF = (
     "in_app_voice", "api_key_cyber_access_programs",
     # A provider that cannot be reached fails the run instead of being retried forever.
     "unbounded_connection_retries",
-    # Commands run on pipes, not a pseudo-terminal: under gVisor (runsc) a PTY-backed
-    # command never reports its end to Codex and the turn hangs until the wall-time
-    # limit. Off on every runtime, so a run behaves the same on runc and runsc.
+    # Commands run on pipes, not a pseudo-terminal (TERM is dumb anyway). Under gVisor
+    # (runsc) Codex never learns that a PTY-backed command ended (the shell stays a
+    # zombie) and the turn hangs until the wall-time limit, on every run measured; on
+    # pipes that happens only now and then (about one run in four with 25 commands).
+    # Off on every runtime, so a run behaves the same on runc and runsc.
     "unified_exec_tty",
 )
 FEATURES_ON = ("shell_tool", "unified_exec")
@@ -64,7 +66,7 @@ def generate(*, model: str | None, base_url: str | None, mcp_url: str | None,
         "model_catalog_json": MODEL_CATALOG,
         "project_doc_max_bytes": 0,
         "allow_login_shell": False,
-        "cli_auth_credentials_store": "file",
+        "cli_auth_credentials_store": "ephemeral",  # no auth.json: the key is a placeholder
         "history": {"persistence": "none"},
         "analytics": {"enabled": False},
         "feedback": {"enabled": False},
@@ -93,8 +95,8 @@ def generate(*, model: str | None, base_url: str | None, mcp_url: str | None,
             "env_key": API_KEY_ENV,
             "requires_openai_auth": False,
             "supports_websockets": False,
-            "request_max_retries": 1,
-            "stream_max_retries": 1,
+            "request_max_retries": 2,
+            "stream_max_retries": 2,
             "stream_idle_timeout_ms": 300_000,
         }}
     if mcp_url:
