@@ -670,3 +670,24 @@ def test_feature_keys_exist_in_the_pinned_codex(engine, codex_image):
     for name in (*FEATURES_OFF, *FEATURES_ON):
         assert name in stages, f"{name} is not a feature of Codex {CODEX_VERSION}"
         assert stages[name] != "removed", f"{name} was removed in Codex {CODEX_VERSION}"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("codex_image")
+def test_a_stale_config_key_fails_the_run_loudly(tmp_path, workspace, monkeypatch):
+    """`--strict-config`: a key this Codex does not know is an error, not silently ignored."""
+    monkeypatch.setenv(KEY_ENV, KEY)
+    output: list[bytes] = []
+    with ScriptedProvider([{"text": "never served"}], api_key=KEY) as up:
+        policy = policy_from_dict({
+            "provider": {"backend": "openai", "base_url": up.url + "/v1",
+                         "api_key_env": KEY_ENV, "models": {"default": MODEL}}})
+        result = run(RunOptions(
+            policy=policy, agent=CodexAgent({"features": {"no_such_feature_key": True},
+                                             "no_such_key": 1}),
+            task=["hello"], workspace=workspace, runs_dir=tmp_path / "runs",
+            on_output=lambda stream, chunk: output.append(chunk)))
+    assert result.exit_code == 1 and result.status == "failed"
+    assert up.generation_requests() == []
+    text = b"".join(output).decode()
+    assert "no_such" in text and "config" in text.lower(), text
