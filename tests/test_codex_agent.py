@@ -114,6 +114,7 @@ def test_generated_config_is_the_whole_policy():
     assert server["bearer_token_env_var"] == "AIRLOCK_MCP_TOKEN"
     assert "t" * 43 not in text  # the token stays in the environment
     assert server["default_tools_approval_mode"] == "approve" and server["required"] is True
+    assert server["enabled_tools"] == []  # this context's server exposes no tool
     assert "command" not in server  # never a stdio server (Codex would not sandbox it)
     off = cfg["features"]
     for feature in ("apps", "plugins", "remote_plugin", "multi_agent", "hooks", "memories",
@@ -133,12 +134,12 @@ def test_generated_config_is_the_whole_policy():
     assert cfg["model_catalog_json"] == MODEL_CATALOG
 
 
-def test_mcp_tool_names_become_the_allowlist_when_known():
+def test_the_run_mcp_tools_are_the_allowlist():
     ctx = _ctx(endpoints={"OPENAI_BASE_URL": "http://x/v1", "AIRLOCK_MCP_URL": "http://y/mcp",
                           "AIRLOCK_MCP_TOKEN": "t"})
-    ctx.mcp_tools = ["submit_result"]
+    ctx.mcp_tools = ["submit_result", "lookup"]
     server = CodexAgent().config(ctx)["mcp_servers"]["airlock"]
-    assert server["enabled_tools"] == ["submit_result"]
+    assert server["enabled_tools"] == ["submit_result", "lookup"]
 
 
 def test_no_mcp_server_without_run_tools():
@@ -553,6 +554,7 @@ url = "http://127.0.0.1:9/mcp"
     # What Codex found in its CODEX_HOME: the generated file and its own state only.
     out = _completed(r.events(), "agent.command")[0]["data"]["output"]
     assert 'model_provider = "airlock"' in out and "model_catalog_json" in out
+    assert 'enabled_tools = ["submit_result"]' in out  # the run's tools, by name
     assert "hostextra" not in out and "HOST-CONFIG-MARKER" not in out
     assert "cannot access '/etc/codex'" in out
     assert "/home/airlock:\n.codex\n" in out  # nothing else in HOME

@@ -75,12 +75,10 @@ class CodexAgent(Agent):
             raise BadInput("--agent codex speaks the OpenAI Responses API: the policy needs a "
                            "provider with backend openai, openai-compatible or ollama "
                            "(or a replay of one) and network mode gateway or proxy")
-        # The tool names, when the orchestrator hands them over; otherwise the server's
-        # whole list, which is the run's tools and nothing else.
-        tools = getattr(ctx, "mcp_tools", None)
+        # Only the tools the run's server exposes are enabled (and approved), by name.
         cfg = generate(model=ctx.model, base_url=base_url,
                        mcp_url=ctx.endpoints.get("AIRLOCK_MCP_URL"),
-                       mcp_tools=list(tools) if tools is not None else None,
+                       mcp_tools=list(ctx.mcp_tools),
                        workspace=WORKSPACE_PATH if ctx.workspace else None)
         return _merge(cfg, self.overrides)
 

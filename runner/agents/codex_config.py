@@ -109,7 +109,7 @@ def generate(*, model: str | None, base_url: str | None, mcp_url: str | None,
             "default_tools_approval_mode": "approve",
         }
         if mcp_tools is not None:
-            server["enabled_tools"] = list(mcp_tools)
+            server["enabled_tools"] = list(mcp_tools)  # the allowlist, applied by Codex too
         cfg["mcp_servers"][MCP_SERVER] = server
     if workspace:
         cfg["projects"] = {workspace: {"trust_level": "untrusted"}}
