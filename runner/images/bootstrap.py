@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from runner.errors import NotReady
 from runner.images.hostconfig import custom_ca_bundle, debian_mirror
@@ -29,7 +30,7 @@ def rootfs_tag() -> str:
     return f"{ROOTFS_REPO}:{SUITE}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def bootstrap_rootfs(client, progress: Callable[[str], None]) -> str:  # type: ignore[no-untyped-def]
+def bootstrap_rootfs(client: Any, progress: Callable[[str], None]) -> str:
     """Make sure the rootfs image exists; return its tag."""
     import docker.errors
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from runner.errors import NotReady
 from runner.images.bootstrap import bootstrap_rootfs, rootfs_tag
@@ -108,7 +109,7 @@ def chain(name: str) -> list[str]:
     return out[::-1]
 
 
-def image_present(client, tag: str) -> bool:  # type: ignore[no-untyped-def]
+def image_present(client: Any, tag: str) -> bool:
     import docker.errors
 
     try:
@@ -169,7 +170,7 @@ def _context(spec: ImageSpec, parent_tag: str, progress: Progress) -> tuple[Path
     return ctx, buildargs
 
 
-def _stream_build(client, ctx: Path, tag: str, buildargs: dict[str, str],  # type: ignore[no-untyped-def]
+def _stream_build(client: Any, ctx: Path, tag: str, buildargs: dict[str, str],
                   progress: Progress) -> None:
     last_error = None
     log: list[str] = []
@@ -189,7 +190,7 @@ def _stream_build(client, ctx: Path, tag: str, buildargs: dict[str, str],  # typ
         raise NotReady(f"building {tag} failed: {last_error}\n{tail}")
 
 
-def build(name: str, client, progress: Progress = print, *, force: bool = False) -> str:  # type: ignore[no-untyped-def]
+def build(name: str, client: Any, progress: Progress = print, *, force: bool = False) -> str:
     """Build `name` and whatever it stands on that is missing; return its tag."""
     parent_tag = bootstrap_rootfs(client, progress)
     for step in chain(name):

@@ -17,7 +17,9 @@ SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-b
 
 
 def _deb822_entries(text: str) -> list[dict[str, str]]:
-    entries, current, key = [], {}, None
+    entries: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    key: str | None = None
     for raw in text.splitlines():
         if raw.startswith("#"):
             continue

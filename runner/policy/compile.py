@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from runner.engines.base import LABEL_MANAGED, LABEL_OWNER, LABEL_RUN, ContainerSpec, Mount
 from runner.policy.models import SANDBOX_HOME, WORKSPACE_PATH, Policy
@@ -47,7 +48,7 @@ def tmpfs_options(policy: Policy) -> dict[str, str]:
     return out
 
 
-def seccomp_profile(policy: Policy) -> dict:  # type: ignore[type-arg]
+def seccomp_profile(policy: Policy) -> dict[str, Any]:
     from runner.policy.seccomp import compile_seccomp
 
     return compile_seccomp(policy.process.seccomp, policy.process.runtime)

@@ -32,6 +32,8 @@ PROVIDER_ROUTING_VARS = re.compile(
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOST_PORT = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:\d{1,5})?$")
 
+SocketFamily = Literal["unix", "inet", "inet6"]
+DEFAULT_SOCKET_FAMILIES: tuple[SocketFamily, ...] = ("unix", "inet", "inet6")
 DEFAULT_SYSCALL_GROUPS = [
     "file-io",
     "memory",
@@ -134,7 +136,7 @@ class SeccompPolicy(Strict):
         default_factory=list, description="Syscalls denied whatever the groups allow."
     )
     socket_families: list[Literal["unix", "inet", "inet6"]] = Field(
-        default_factory=lambda: ["unix", "inet", "inet6"],
+        default_factory=lambda: list(DEFAULT_SOCKET_FAMILIES),
         description="Address families socket() may create.",
     )
     default_action: Literal["errno", "kill"] = Field(

@@ -21,9 +21,9 @@ def host_addresses() -> list[str]:
     try:
         for line in Path("/proc/net/if_inet6").read_text().splitlines():
             raw, *_rest, dev = line.split()
-            addr = ipaddress.ip_address(":".join(raw[i:i + 4] for i in range(0, 32, 4)))
-            if not addr.is_loopback and not addr.is_link_local and dev != "lo":
-                out.add(str(addr))
+            ip6 = ipaddress.ip_address(":".join(raw[i:i + 4] for i in range(0, 32, 4)))
+            if not ip6.is_loopback and not ip6.is_link_local and dev != "lo":
+                out.add(str(ip6))
     except (OSError, ValueError):
         pass
     return sorted(out)

@@ -35,7 +35,7 @@ def apply_overrides(policy: Policy, *, provider: str | None, runtime: str | None
         raise BadInput("--enable-tool needs --mcp-server")
     for cmd in mcp_servers:
         data["mcp"]["servers"].append(
-            McpServerPolicy(command=cmd, enabled_tools=enable_tools).model_dump(mode="json"))
+            McpServerPolicy(command=cmd, url=None, enabled_tools=enable_tools).model_dump(mode="json"))
     try:
         out = Policy.model_validate(data)
         if out.provider is not None:

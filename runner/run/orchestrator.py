@@ -106,6 +106,9 @@ class Run:
 
     # -- enforcement -----------------------------------------------------------------
 
+    def _control_refused(self) -> None:
+        self.log.emit("control.refused", "host")
+
     def _note_refusal(self, event: Event) -> None:
         if event.trusted and (event.type.endswith((".refused", ".unauthorized"))
                               or event.type == "control.refused"):
@@ -188,7 +191,7 @@ class Run:
 
             bridges, endpoints = self._start_services(services, run_dir)
             control = ControlServer(run_dir / "control.sock", self._on_control,
-                                    lambda: self.log.emit("control.refused", "host"))
+                                    self._control_refused)
             ctx = AgentContext(policy=p, task=self.o.task, model=self._model(),
                                endpoints=endpoints,
                                workspace=WORKSPACE_PATH if prepared.host_path else None,

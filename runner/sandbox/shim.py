@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 CONFIG_PATH = "/run/airlock/shim.json"
 DEADMAN_EXIT = 125
@@ -115,7 +116,7 @@ class Control:
         with self._lock, contextlib.suppress(OSError):
             self.sock.sendall(line)
 
-    def watch(self, on_lost) -> None:  # type: ignore[no-untyped-def]
+    def watch(self, on_lost: Callable[[], None]) -> None:
         sock = self.sock
         if sock is None:
             return
@@ -142,7 +143,7 @@ def main(argv: list[str]) -> int:
     if cfg.get("selftest") is not None:
         # `python3 -I` leaves the script's own directory off sys.path.
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from selftest import run_selftest  # type: ignore[import-not-found]
+        from selftest import run_selftest
 
         report = run_selftest(cfg["selftest"], cfg.get("bridges") or [])
         control.send(type="selftest", **report)
