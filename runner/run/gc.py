@@ -43,8 +43,10 @@ def collect(engine: Engine | None, *, include_live: bool = False) -> GcReport:
             owner = (scratch / OWNER_FILE).read_text().strip()
         except OSError:
             owner = ""
+        if not owner and not include_live:
             # A run writes its owner file just after creating the directory: one
-            # without it that is only moments old is being set up, not left over.
+            # without it (or with it still empty) that is only moments old is being
+            # set up, not left over.
             with contextlib.suppress(OSError):
                 if time.time() - scratch.stat().st_mtime < FRESH_SECONDS:
                     continue
