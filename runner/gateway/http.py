@@ -7,6 +7,12 @@ client read to the end, went away mid-stream or never got the headers. h11 (alre
 installed with httpx) does the framing; this module does the loop, keep-alive,
 `Expect: 100-continue`, a request-body cap, and a clean shutdown that cancels live
 connections.
+
+Writes made in one turn of the event loop leave in one send: bytes are queued and
+flushed by a callback scheduled for the loop's next turn, which runs before the loop
+waits for anything. A response whose headers, body and end are all at hand goes out
+as one send (one wake-up of the client instead of three); a chunk of a stream is
+never held for the next one.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 import h11
 
 READ_SIZE = 64 * 1024
+FLUSH_NOW = 64 * 1024  # queued bytes past this are written at once, then drained
 MAX_BODY = 64 * 1024 * 1024  # requests carry whole conversations and images, not more
 
 
@@ -116,7 +123,11 @@ class HttpServer:
         assert task is not None
         self._conns.add(task)
         try:
-            await _Connection(self, reader, writer).run()
+            conn = _Connection(self, reader, writer)
+            try:
+                await conn.run()
+            finally:
+                conn.flush()
         except (ConnectionError, asyncio.CancelledError):
             pass
         except Exception:  # an upstream failure mid-stream ends this
@@ -135,6 +146,9 @@ class _Connection:
         self.reader = reader
         self.writer = writer
         self.conn = h11.Connection(h11.SERVER)
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._flush_scheduled = False
 
     async def _next(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         while True:
@@ -148,9 +162,29 @@ class _Connection:
 
     async def _send(self, event: h11.Event) -> None:
         data = self.conn.send(event)
-        if data:
+        if not data:
+            return
+        if self.writer.transport.is_closing():
+            raise ConnectionResetError("Connection lost")  # the client went away
+        self._out.append(data)
+        self._out_size += len(data)
+        if self._out_size + self.writer.transport.get_write_buffer_size() >= FLUSH_NOW:
+            self.flush()
+            await self.writer.drain()  # backpressure: a slow client slows the upstream read
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what is queued, as one send."""
+        self._flush_scheduled = False
+        if not self._out:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        self._out_size = 0
+        if not self.writer.transport.is_closing():
             self.writer.write(data)
-            await self.writer.drain()
 
     async def run(self) -> None:
         while True:

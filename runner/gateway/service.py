@@ -37,6 +37,7 @@ from runner.gateway.record import (
     recordable_headers,
 )
 from runner.gateway.tools import check_tools
+from runner.gateway.upstream import UpstreamPool
 from runner.gateway.usage import UsageMeter
 from runner.policy.models import ProviderPolicy
 
@@ -99,7 +100,7 @@ class ProviderGateway:
         else:
             self.spec = BACKENDS[provider.backend]
         self._credential: Credential = Credential()
-        self._client: httpx.AsyncClient | None = None
+        self._client: UpstreamPool | None = None
         self._recorder: Recorder | None = None
         self._server = HttpServer(self._handle)
         self._base_url = provider.base_url or self.spec.default_base_url
@@ -122,9 +123,9 @@ class ProviderGateway:
             raise CredentialError(f"backend {self.provider.backend} needs provider.base_url")
         self._credential = await load_credential(self.provider, self.spec, self._environ)
         if self._replayer is None:
-            self._client = httpx.AsyncClient(
-                timeout=UPSTREAM_TIMEOUT, trust_env=False, follow_redirects=False,
-                limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+            # No redirects, proxies, cookies or environment: see runner/gateway/upstream.py.
+            self._client = UpstreamPool(timeout=UPSTREAM_TIMEOUT, max_connections=64,
+                                        max_keepalive=16)
         if self.record_path is not None:
             self._recorder = Recorder(self.record_path, self.api_backend,
                                       self._credential.secrets())
@@ -321,10 +322,8 @@ class ProviderGateway:
             content = json.dumps(out_body, ensure_ascii=False, separators=(",", ":")).encode()
             headers = [(k, v) for k, v in headers if k.lower() != "content-type"]
             headers.append(("content-type", "application/json"))
-        upstream_req = self._client.build_request(req.method, url, headers=headers,
-                                                  content=content)
         try:
-            upstream = await self._client.send(upstream_req, stream=True)
+            upstream = await self._client.request(req.method, url, headers, content)
         except httpx.HTTPError as exc:
             call.error = redact_text(f"upstream unreachable: {type(exc).__name__}: {exc}",
                                      self._secrets())
