@@ -323,7 +323,9 @@ class ProviderGateway:
             headers = [(k, v) for k, v in headers if k.lower() != "content-type"]
             headers.append(("content-type", "application/json"))
         try:
-            upstream = await self._client.request(req.method, url, headers, content)
+            # A recording keeps the upstream's chunks one by one, with their timing.
+            upstream = await self._client.request(req.method, url, headers, content,
+                                                  coalesce=self._recorder is None)
         except httpx.HTTPError as exc:
             call.error = redact_text(f"upstream unreachable: {type(exc).__name__}: {exc}",
                                      self._secrets())

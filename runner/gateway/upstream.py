@@ -13,8 +13,9 @@ What it keeps from httpx is what matters for safety and for the callers:
 - bodies decoded by httpx's own content decoders (gzip, deflate, and br or zstd when
   installed), so usage metering reads plain bytes whatever the upstream sent.
 
-Per request: the request line, headers and body go out in one write; each body chunk
-is handed on as soon as it has been read (never held for the next one). Idle
+Per request: the request line, headers and body go out in one write. Body bytes are
+handed on as soon as they have been read, never held for the next read: the chunks
+(or SSE events) that arrived together in one read are handed on together. Idle
 connections are reused for a few seconds, and never after the server closed them or
 sent anything unasked.
 """
@@ -83,6 +84,7 @@ class UpstreamResponse:
     _key: tuple[str, str, int]
     _conn: _Conn | None
     _timeout: httpx.Timeout
+    _coalesce: bool = True
     _done: bool = False
     _decoder: Any = field(default=None, repr=False)
 
@@ -97,20 +99,30 @@ class UpstreamResponse:
                        if c.strip()]
             self._decoder = _decoder(codings)
         decoder = self._decoder
+        pending: list[bytes] = []  # body bytes of what has been read so far, not yet handed on
         try:
             while True:
                 event = conn.h11.next_event()
                 if event is h11.NEED_DATA:
+                    if pending:  # all that arrived is handed on before waiting for more
+                        out = decoder.decode(b"".join(pending))
+                        pending.clear()
+                        if out:
+                            yield out
                     conn.h11.receive_data(await _read(conn, self._timeout))
                     continue
                 if isinstance(event, h11.Data):
-                    out = decoder.decode(bytes(event.data))
+                    pending.append(bytes(event.data))
+                    if not self._coalesce:  # one chunk per upstream chunk (recordings)
+                        out = decoder.decode(b"".join(pending))
+                        pending.clear()
+                        if out:
+                            yield out
+                elif isinstance(event, h11.EndOfMessage):
+                    out = decoder.decode(b"".join(pending)) + decoder.flush()
+                    pending.clear()
                     if out:
                         yield out
-                elif isinstance(event, h11.EndOfMessage):
-                    tail = decoder.flush()
-                    if tail:
-                        yield tail
                     self._done = True
                     self._release()
                     return
@@ -235,8 +247,12 @@ class UpstreamPool:
     # -- requests ---------------------------------------------------------------------
 
     async def request(self, method: str, url: str, headers: list[tuple[str, str]],
-                      content: bytes | None = None) -> UpstreamResponse:
-        """Send a request; return once the response's status and headers are in."""
+                      content: bytes | None = None, *, coalesce: bool = True
+                      ) -> UpstreamResponse:
+        """Send a request; return once the response's status and headers are in.
+
+        `coalesce`: the body chunks that arrived in one read are handed on as one;
+        without it, one per chunk of the upstream's framing (what a recording keeps)."""
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https") or not parts.hostname:
@@ -255,10 +271,12 @@ class UpstreamPool:
             raise httpx.LocalProtocolError(str(exc)) from None
         conn = await self._get(key)
         try:
-            return await self._exchange(conn, key, request, content)
+            response = await self._exchange(conn, key, request, content)
         except BaseException:
             self._lost(conn)
             raise
+        response._coalesce = coalesce
+        return response
 
     async def _exchange(self, conn: _Conn, key: tuple[str, str, int], request: h11.Request,
                         content: bytes | None) -> UpstreamResponse:
