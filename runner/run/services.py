@@ -6,10 +6,12 @@ service has `async start()` (returns once its socket listens) and `async aclose(
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import threading
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 class Service(Protocol):
@@ -25,6 +27,8 @@ class ServiceHost:
         self._services: list[Service] = []
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        import asyncio  # here, not at the top: runs without services never pay for it
+
         if self._loop is None:
             loop = asyncio.new_event_loop()
             ready = threading.Event()
@@ -41,6 +45,8 @@ class ServiceHost:
         return self._loop
 
     def call(self, coro: Any, timeout: float = 30) -> Any:
+        import asyncio
+
         return asyncio.run_coroutine_threadsafe(coro, self._ensure_loop()).result(timeout)
 
     def start(self, service: Service) -> None:
