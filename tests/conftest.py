@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,12 +149,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     import docker
 
-    try:
+    def leftovers() -> list[str]:
         api = docker.from_env(timeout=180).api
         label = {"label": "airlock.managed"}
         left = [c["Id"][:12] for c in api.containers(all=True, filters=label)]
         left += [n["Id"][:12] for n in api.networks(filters=label)]
         left += [v["Name"] for v in (api.volumes(filters=label) or {}).get("Volumes") or []]
+        return left
+
+    try:
+        # A reaper that a crash test set off may still be finishing its cleanup.
+        deadline = time.monotonic() + 30
+        while (left := leftovers()) and time.monotonic() < deadline:
+            time.sleep(1)
     except Exception as exc:  # noqa: BLE001 - report, do not hide the suite's own result
         sys.stderr.write(f"\ncould not check for leftovers: {exc}\n")
         session.exitstatus = 1
