@@ -1,0 +1,109 @@
+"""The engine the suite's runs use: Docker, recording what it creates, with optional hooks.
+
+The normal suite installs no hook: its sandboxes are exactly what `airlock run` creates.
+Hooks exist for the weakened counterparts (see `weakened.py`): where the boundary has no
+policy knob (network mode none, the seccomp `never` set, masked paths, ...), a hook edits
+the engine's create call so the test can show that the attack notices the difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from runner.engines.base import ContainerSpec, Engine, EngineInfo, ManagedObject, Sandbox
+from runner.engines.docker_engine import DockerEngine
+
+CreateHook = Callable[[dict[str, Any]], None]  # edits docker's containers.create kwargs
+
+
+class _Containers:
+    def __init__(self, real: Any, hooks: list[CreateHook]) -> None:
+        self._real = real
+        self._hooks = hooks
+
+    def create(self, *args: Any, **kwargs: Any) -> Any:
+        for hook in self._hooks:
+            hook(kwargs)
+        return self._real.create(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class _Api:
+    """The low-level API, keeping every output stream it opens so the suite can close
+    them (see RecordingEngine.close_output)."""
+
+    def __init__(self, real: Any, streams: list[Any]) -> None:
+        self._real = real
+        self._streams = streams
+
+    def attach(self, *args: Any, **kwargs: Any) -> Any:
+        stream = self._real.attach(*args, **kwargs)
+        self._streams.append(stream)
+        return stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class _Client:
+    def __init__(self, real: Any, hooks: list[CreateHook], streams: list[Any]) -> None:
+        self._real = real
+        self.containers = _Containers(real.containers, hooks)
+        self.api = _Api(real.api, streams)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class RecordingEngine(Engine):
+    name = "docker"
+
+    def __init__(self, client: Any, hooks: Iterable[CreateHook] = ()) -> None:
+        self.hooks = list(hooks)
+        self.streams: list[Any] = []
+        self._inner = DockerEngine(client=_Client(client, self.hooks, self.streams))
+        self.specs: list[ContainerSpec] = []
+        self.sandboxes: list[Sandbox] = []
+
+    def info(self) -> EngineInfo:
+        return self._inner.info()
+
+    def image_present(self, tag: str) -> bool:
+        return self._inner.image_present(tag)
+
+    def create(self, spec: ContainerSpec) -> Sandbox:
+        self.specs.append(spec)
+        sandbox = self._inner.create(spec)
+        self.sandboxes.append(sandbox)
+        return sandbox
+
+    def managed(self) -> list[ManagedObject]:
+        return self._inner.managed()
+
+    def remove_object(self, obj: ManagedObject) -> None:
+        self._inner.remove_object(obj)
+
+    def mount_source(self, target: str) -> str | None:
+        """Where the first sandbox's mount at `target` comes from on the host."""
+        for spec in self.specs:
+            for m in spec.mounts:
+                if m.target == target:
+                    return m.source
+        return None
+
+    def close_output(self) -> int:
+        """Close the output streams the run opened. A container blocked on a stdout
+        nobody reads may not die of SIGKILL (seen with runsc); once its reader is gone,
+        the engine can end it."""
+        closed = 0
+        for stream in self.streams:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+                    closed += 1
+        return closed
