@@ -53,6 +53,27 @@ def timed(n: int, fn: Callable[[], None], warmup: int = 20) -> list[float]:
     return out
 
 
+def interleaved(n: int, a: Callable[[], None], b: Callable[[], None], warmup: int = 20
+                ) -> tuple[list[float], list[float]]:
+    """Alternate a and b call by call, so that a shared machine's load hits both alike."""
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb = [], []
+    for i in range(n):
+        for fn, out in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1000)
+    return ta, tb
+
+
+def cpu_ms(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, in milliseconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def serve_upstream(chunk_chars: int, big_bytes: int) -> None:
     """Child process: the scripted upstream; a request with max_tokens=999999 gets
     the big stream, any other a short answer."""
@@ -120,14 +141,16 @@ def main() -> None:
                            base_url="http://127.0.0.1:8011",
                            headers={"x-api-key": "placeholder"}, timeout=120)
         rows = []
+        cpu: dict[str, float] = {}
         for label, body in (("non-streaming", small), ("streaming", {**small, "stream": True})):
             def call(client: httpx.Client, b: dict[str, object] = body) -> None:
                 r = client.post("/v1/messages", json=b)
                 r.read()
                 assert r.status_code == 200, r.text
 
-            d = timed(args.requests, lambda: call(direct))
-            g = timed(args.requests, lambda: call(via))
+            c0 = cpu_ms(gw.pid)
+            d, g = interleaved(args.requests, lambda: call(direct), lambda: call(via))
+            cpu[label] = (cpu_ms(gw.pid) - c0) / (args.requests + 20)
             rows.append((label, d, g))
 
         big = {**small, "max_tokens": 999999, "stream": True}
@@ -160,13 +183,14 @@ def main() -> None:
           f"{args.requests} requests per series")
     print()
     print("| small Messages call | direct p50 | direct p99 | gateway p50 "
-          "| gateway p99 | added p50 | added p99 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| gateway p99 | added p50 | added p99 | gateway CPU per request |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, d, g in rows:
         dp50, dp99 = percentile(d, 50), percentile(d, 99)
         gp50, gp99 = percentile(g, 50), percentile(g, 99)
         print(f"| {label} | {dp50:.2f} ms | {dp99:.2f} ms | {gp50:.2f} ms | {gp99:.2f} ms "
-              f"| {gp50 - dp50:+.2f} ms | {gp99 - dp99:+.2f} ms |")
+              f"| {gp50 - dp50:+.2f} ms | {gp99 - dp99:+.2f} ms | {cpu[label]:.2f} ms |")
+    print("\n(direct and gateway calls alternate; CPU: the gateway process's user + system time)")
     print()
     print(f"| streaming {args.stream_mb:g} MiB as {args.chunk_chars}-char SSE deltas "
           "| seconds | MiB/s | events/s |")

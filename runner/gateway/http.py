@@ -245,6 +245,7 @@ class _Connection:
                     if chunk:
                         await self._send(h11.Data(data=chunk))
             await self._send(h11.EndOfMessage())
+            self.flush()  # the response is complete: out now, before the finaliser runs
         except BaseException as exc:
             error = exc
             raise

@@ -76,10 +76,30 @@ class _Conn:
             self.writer.close()
 
 
+class Headers:
+    """A response's headers as h11 parsed them (names lower case), read as httpx reads them."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._items = [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in raw]
+
+    def get_list(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self._items if k == name]
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        values = self.get_list(name)
+        return ", ".join(values) if values else default  # as httpx joins repeated headers
+
+    def multi_items(self) -> list[tuple[str, str]]:
+        return list(self._items)
+
+
 @dataclass
 class UpstreamResponse:
     status_code: int
-    headers: httpx.Headers
+    headers: Headers
     _pool: UpstreamPool
     _key: tuple[str, str, int]
     _conn: _Conn | None
@@ -307,9 +327,8 @@ class UpstreamPool:
             if isinstance(event, h11.InformationalResponse):
                 continue
             if isinstance(event, h11.Response):
-                raw = [(bytes(k), bytes(v)) for k, v in event.headers]
-                return UpstreamResponse(event.status_code, httpx.Headers(raw), self, key, conn,
-                                        self.timeout)
+                return UpstreamResponse(event.status_code, Headers(list(event.headers)), self,
+                                        key, conn, self.timeout)
             if isinstance(event, h11.ConnectionClosed):
                 raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
             raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} from the upstream")

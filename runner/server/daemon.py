@@ -112,7 +112,7 @@ class Worker:
             given = p.loads(frame[1]) or {}
             os.environ.update({k: str(v) for k, v in given.items() if k in wanted})
             os.environ["AIRLOCK_NO_REAPER"] = "1"  # the server reaps for its workers
-            _log(f"run for client pid {pid}: {' '.join(args)[:200]}")
+            _log(f"run for client pid {pid}: in {os.getcwd()}")  # not its arguments: prompts
             conn.settimeout(None)
             _adopt_stdio(fds)
             fds = []
@@ -533,8 +533,15 @@ def _spare(listener: socket.socket, notify_w: int, command: Any, prewarm: bool) 
         with contextlib.suppress(Exception):
             _prewarm(command)
     os.write(notify_w, struct.pack("ii", os.getpid(), SPARE_READY))
+    server = os.getppid()
     while True:
         try:
+            # Wake now and then: a spare whose server is gone leaves (best effort).
+            ready, _, _ = select.select([listener], [], [], 5.0)
+            if not ready:
+                if os.getppid() != server:
+                    return EXIT_CLEAN
+                continue
             conn, _ = listener.accept()
             break
         except InterruptedError:
