@@ -18,6 +18,7 @@ a shared machine hits all alike:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -68,6 +69,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("-n", type=int, default=15, help="runs per subject and runtime")
     ap.add_argument("--runtime", action="append", help="runc, runsc (default: both)")
+    ap.add_argument("--no-serve", action="store_true",
+                    help="leave out `airlock serve` (to measure versions without it)")
     args = ap.parse_args()
     image = ensure_image("base")
     runs_dir = Path(tempfile.mkdtemp(prefix="airlock-bench-runs-"))
@@ -78,7 +81,8 @@ def main() -> int:
     print(f"# {args.n} runs per subject and runtime, interleaved; image {image}\n")
     rows = []
     try:
-        with serve(base_env) as (served_env, _pid):
+        with contextlib.ExitStack() as stack:
+            served_env = None if args.no_serve else stack.enter_context(serve(base_env))[0]
             for runtime in args.runtime or ["runc", "runsc"]:
                 bare = ["docker", "run", "--rm", "--network", "none", "--runtime", runtime,
                         image, *COMMAND]
@@ -86,9 +90,11 @@ def main() -> int:
                 subjects: list[tuple[str, Callable[[], tuple[float, float]]]] = [
                     ("docker run (baseline)", lambda b=bare: timed_process(b, base_env)),
                     ("airlock CLI", lambda c=cli: timed_process(c, local_env)),
-                    ("airlock CLI + serve", lambda c=cli: timed_process(c, served_env)),
                     ("Python API (warm)", lambda r=runtime: timed_api(r, runs_dir)),
                 ]
+                if served_env is not None:
+                    subjects.insert(2, ("airlock CLI + serve",
+                                        lambda c=cli, e=served_env: timed_process(c, e)))
                 for _name, fn in subjects:  # warm caches (and the API's imports)
                     fn()
                 results: dict[str, list[tuple[float, float]]] = {n: [] for n, _ in subjects}
