@@ -40,6 +40,7 @@ def main() -> int:
         print(f"\n({name}: {time.monotonic() - t0:.0f} s)", flush=True)
         if code:
             failed.append(name)
+        time.sleep(5)  # let the engine and the machine settle before the next one
     if failed:
         print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
         return 1
