@@ -37,7 +37,6 @@ from runner.gateway.record import (
     recordable_headers,
 )
 from runner.gateway.tools import check_tools
-from runner.gateway.upstream import UpstreamPool
 from runner.gateway.usage import UsageMeter
 from runner.policy.models import ProviderPolicy
 
@@ -100,7 +99,7 @@ class ProviderGateway:
         else:
             self.spec = BACKENDS[provider.backend]
         self._credential: Credential = Credential()
-        self._client: UpstreamPool | None = None
+        self._client: httpx.AsyncClient | None = None
         self._recorder: Recorder | None = None
         self._server = HttpServer(self._handle)
         self._base_url = provider.base_url or self.spec.default_base_url
@@ -123,9 +122,11 @@ class ProviderGateway:
             raise CredentialError(f"backend {self.provider.backend} needs provider.base_url")
         self._credential = await load_credential(self.provider, self.spec, self._environ)
         if self._replayer is None:
-            # No redirects, proxies, cookies or environment: see runner/gateway/upstream.py.
-            self._client = UpstreamPool(timeout=UPSTREAM_TIMEOUT, max_connections=64,
-                                        max_keepalive=16)
+            # No redirects, and nothing from the host's environment (a host HTTPS_PROXY
+            # must not see the provider's key); TLS verified as httpx does by default.
+            self._client = httpx.AsyncClient(
+                timeout=UPSTREAM_TIMEOUT, trust_env=False, follow_redirects=False,
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
         if self.record_path is not None:
             self._recorder = Recorder(self.record_path, self.api_backend,
                                       self._credential.secrets())
@@ -323,9 +324,9 @@ class ProviderGateway:
             headers = [(k, v) for k, v in headers if k.lower() != "content-type"]
             headers.append(("content-type", "application/json"))
         try:
-            # A recording keeps the upstream's chunks one by one, with their timing.
-            upstream = await self._client.request(req.method, url, headers, content,
-                                                  coalesce=self._recorder is None)
+            upstream_req = self._client.build_request(req.method, url, headers=headers,
+                                                      content=content)
+            upstream = await self._client.send(upstream_req, stream=True)
         except httpx.HTTPError as exc:
             call.error = redact_text(f"upstream unreachable: {type(exc).__name__}: {exc}",
                                      self._secrets())
