@@ -9,6 +9,7 @@ the engine's create call so the test can show that the attack notices the differ
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -41,9 +42,17 @@ class _Api:
         self._streams = streams
 
     def attach(self, *args: Any, **kwargs: Any) -> Any:
-        stream = self._real.attach(*args, **kwargs)
-        self._streams.append(stream)
-        return stream
+        # docker-py's own attach, run with this object as `self` so that the socket it
+        # reads from passes through _read_from_socket below and is kept.
+        try:
+            return type(self._real).attach(self, *args, **kwargs)
+        except AttributeError:
+            return self._real.attach(*args, **kwargs)
+
+    def _read_from_socket(self, response: Any, *args: Any, **kwargs: Any) -> Any:
+        with contextlib.suppress(Exception):
+            self._streams.append(self._real._get_raw_response_socket(response))
+        return self._real._read_from_socket(response, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
@@ -101,9 +110,17 @@ class RecordingEngine(Engine):
         the engine can end it."""
         closed = 0
         for stream in self.streams:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    close()
+            sock = _stream_socket(stream)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
                     closed += 1
         return closed
+
+
+def _stream_socket(raw: Any) -> socket.socket | None:
+    """The socket object under what docker-py reads an attach stream from."""
+    if isinstance(raw, socket.socket):
+        return raw
+    sock = getattr(raw, "_sock", None) or getattr(raw, "sock", None)
+    return sock if isinstance(sock, socket.socket) else None
