@@ -17,6 +17,8 @@ from runner.engines.base import ContainerSpec, Engine, EngineInfo, ManagedObject
 from runner.engines.docker_engine import DockerEngine
 
 CreateHook = Callable[[dict[str, Any]], None]  # edits docker's containers.create kwargs
+# A hook may put raw HostConfig fields under this key (docker-py has no keyword for some).
+HOST_CONFIG_EXTRA = "_airlock_host_config_extra"
 
 
 class _Containers:
@@ -27,7 +29,22 @@ class _Containers:
     def create(self, *args: Any, **kwargs: Any) -> Any:
         for hook in self._hooks:
             hook(kwargs)
-        return self._real.create(*args, **kwargs)
+        extra = kwargs.pop(HOST_CONFIG_EXTRA, None)
+        if not extra:
+            return self._real.create(*args, **kwargs)
+        # HostConfig fields docker-py has no keyword for (MaskedPaths, ReadonlyPaths):
+        # build the request as containers.create does, then add them.
+        from docker.models.containers import _create_container_args
+
+        if args:
+            kwargs["image"] = args[0]
+        if len(args) > 1:
+            kwargs["command"] = args[1]
+        kwargs["version"] = self._real.client.api._version
+        create_kwargs = _create_container_args(kwargs)
+        create_kwargs["host_config"].update(extra)
+        resp = self._real.client.api.create_container(**create_kwargs)
+        return self._real.get(resp["Id"])
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)

@@ -581,7 +581,8 @@ def fs_proc_sys(cfg: dict) -> Result:
 
 
 def fs_sys(cfg: dict) -> Result:
-    paths = ["/sys/kernel/uevent_helper", "/sys/fs/cgroup/pids/pids.max",
+    paths = ["/sys/kernel/uevent_helper", "/sys/kernel/mm/transparent_hugepage/enabled",
+             "/sys/kernel/mm/ksm/run", "/sys/fs/cgroup/pids/pids.max",
              "/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/pids.max",
              "/sys/fs/cgroup/memory.max"]
     out = {p: open_for_write(p) for p in paths if os.path.lexists(p)}

@@ -9,8 +9,9 @@ Three kinds:
 - setting: the boundary has no knob there (network mode none, the seccomp `never`
   set, masked /proc paths, the proxy's Host check, the gateway's scrubbing, ...), so a
   test-only change outside the policy opens it: an edit of the engine's create call
-  (network mode, seccomp=unconfined, privileged, root, an extra bind mount, a shared pid
-  namespace), or an in-process patch of one host-side check.
+  (network mode, seccomp=unconfined, systempaths=unconfined, root, an extra bind mount,
+  a shared pid namespace), or an in-process patch of one host-side check. Nothing here
+  needs --privileged (which some hosts, this CI's included, cannot grant).
 - policy+setting: both together.
 
 Where an attack needs a setting that one runtime ignores (runsc keeps its own netstack
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from runner.conformance.engine import CreateHook
+from runner.conformance.engine import HOST_CONFIG_EXTRA, CreateHook
 from runner.conformance.runner import HOST_ENV_NAME, Context, Weakening
 
 PolicyEdit = Callable[[Context, str, dict[str, Any]], None]
@@ -85,8 +86,16 @@ def _unconfined(ctx: Context, kw: dict[str, Any]) -> None:
     kw["security_opt"] = [*opts, "seccomp=unconfined"]
 
 
-def _privileged(ctx: Context, kw: dict[str, Any]) -> None:
-    kw["privileged"] = True
+def _systempaths(ctx: Context, kw: dict[str, Any]) -> None:
+    # What `docker run --security-opt systempaths=unconfined` sends.
+    kw[HOST_CONFIG_EXTRA] = {"MaskedPaths": [], "ReadonlyPaths": []}
+
+
+def _host_sys(ctx: Context, kw: dict[str, Any]) -> None:
+    from docker.types import Mount
+
+    kw["mounts"] = [*(kw.get("mounts") or []),
+                    Mount(target="/sys", source="/sys", type="bind", read_only=False)]
 
 
 def _cap_add(*caps: str) -> Callable[[Context, dict[str, Any]], None]:
@@ -126,6 +135,20 @@ def _resolv_with_nameserver(ctx: Context, kw: dict[str, Any]) -> None:
     for m in kw.get("mounts") or []:
         if m.get("Target") == "/etc/resolv.conf":
             m["Source"] = str(weak)
+
+
+def _exec_tmp(ctx: Context, kw: dict[str, Any]) -> None:
+    tmpfs = kw.get("tmpfs") or {}
+    if "/tmp" in tmpfs:
+        opts = [o for o in tmpfs["/tmp"].split(",") if o != "noexec"]
+        tmpfs["/tmp"] = ",".join([*opts, "exec"])
+
+
+def _nnp_off(ctx: Context, batch: str, d: dict[str, Any]) -> None:
+    d["process"]["no_new_privileges"] = False
+    groups = d["process"]["seccomp"]["groups"]
+    if "identity" not in groups:
+        groups.append("identity")
 
 
 def _shared_pid(ctx: Context, kw: dict[str, Any]) -> None:
@@ -301,9 +324,13 @@ WEAKENINGS: list[Weakening] = [
         "writable-root", ("fs.root-write",), "policy", "filesystem.read_only_root: false",
         policy=_edits(_set("filesystem.read_only_root", False))),
     Weakening(
-        "privileged-root", ("fs.proc-sys", "fs.sys", "fs.proc-masked"), "setting",
-        "a privileged container running as root (no masked or read-only /proc and /sys)",
-        runtimes=("runc",), create=_create(_privileged, _root)),
+        "unmasked-proc", ("fs.proc-sys", "fs.proc-masked"), "setting",
+        "systempaths=unconfined (no masked or read-only /proc paths), and root",
+        runtimes=("runc",), create=_create(_systempaths, _root)),
+    Weakening(
+        "host-sys", ("fs.sys",), "setting",
+        "the host's /sys bound read-write over the sandbox's, and root",
+        runtimes=("runc",), create=_create(_host_sys, _root)),
     Weakening(
         "mknod", ("fs.mknod",), "policy+setting",
         "process.capabilities: [MKNOD], read_only_root: false, and root",
@@ -312,11 +339,14 @@ WEAKENINGS: list[Weakening] = [
                       _set("filesystem.read_only_root", False)),
         create=_create(_root)),
     Weakening(
-        "exec-tmpfs", ("fs.exec-tmpfs",), "policy", "filesystem.exec_tmpfs: [/tmp]",
-        policy=_edits(_set("filesystem.exec_tmpfs", ["/tmp"]))),
+        "exec-tmpfs", ("fs.exec-tmpfs",), "policy+setting",
+        "filesystem.exec_tmpfs: [/tmp], and `exec` in /tmp's mount options (the compiled "
+        "options leave it out, and Docker's tmpfs default is noexec)",
+        policy=_edits(_set("filesystem.exec_tmpfs", ["/tmp"])), create=_create(_exec_tmp)),
     Weakening(
         "writable-shim", ("fs.shim-write",), "policy+setting",
         "filesystem.read_only_root: false, and root (who owns /opt/airlock)",
+        runtimes=("runc",),
         policy=_edits(_set("filesystem.read_only_root", False)), create=_create(_root)),
     Weakening(
         "writable-sockets-dir", ("fs.sockets-dir",), "setting",
@@ -336,15 +366,15 @@ WEAKENINGS: list[Weakening] = [
         policy=_edits(_set("process.capabilities", ["CHOWN"]))),
     Weakening(
         "setuid", ("priv.setuid",), "policy+setting",
-        "process.no_new_privileges: false, and a setuid-root python bound in "
-        "(the image has no setuid file)",
-        runtimes=("runc",), prepare=_setuid_python,
-        policy=_edits(_set("process.no_new_privileges", False)),
+        "process.no_new_privileges: false (+ seccomp group identity), and a setuid-root "
+        "python bound in (the image has no setuid file)",
+        runtimes=("runc",), prepare=_setuid_python, policy=_nnp_off,
         create=_create(_bind(lambda c: str(c.tmp / "suid"), lambda c: "/opt/conformance-suid"))),
     Weakening(
         "no-new-privs-off", ("priv.no-new-privs",), "policy",
-        "process.no_new_privileges: false",
-        policy=_edits(_set("process.no_new_privileges", False))),
+        "process.no_new_privileges: false (+ seccomp group identity, without which runc "
+        "cannot set up the user once the filter is applied before it); runsc reports "
+        "no_new_privs=1 whatever the setting", runtimes=("runc",), policy=_nnp_off),
     Weakening(
         "seccomp-unconfined", ("priv.seccomp-off", "priv.unshare", "priv.mount", "priv.ptrace",
                                "priv.keyctl", "priv.io-uring", "priv.personality",
@@ -358,8 +388,10 @@ WEAKENINGS: list[Weakening] = [
         "seccomp=unconfined, root and CAP_SYS_ADMIN (the host has unprivileged bpf off)",
         runtimes=("runc",), create=_create(_unconfined, _root, _cap_add("SYS_ADMIN"))),
     Weakening(
-        "pids", ("res.fork-bomb",), "policy", "resources.pids: 4096",
-        policy=lambda ctx, b, d: _resources(ctx, b, d, "pids", 4096)),
+        "pids", ("res.fork-bomb",), "policy",
+        "resources.pids: 4096 (and memory 4x + 512m, which that many processes need)",
+        policy=lambda ctx, b, d: d["resources"].update(
+            pids=4096, memory=_grow(4, 512 * M)(policy_value(d, "memory")))),
     Weakening(
         "memory", ("res.memory",), "policy", "resources.memory: 4x + 512m",
         policy=lambda ctx, b, d: _resources(
@@ -407,7 +439,7 @@ WEAKENINGS: list[Weakening] = [
     Weakening(
         "runs-dir-in-workspace", ("log.runs-dir",), "policy",
         "the runs directory given as the (read-only) workspace",
-        workspace=lambda ctx: ctx.runs_dir),
+        workspace=lambda ctx: ctx.runs_dir, prepare=lambda ctx: ctx.runs_dir.chmod(0o755)),
 ]
 
 
