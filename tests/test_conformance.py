@@ -1,0 +1,159 @@
+"""`airlock conformance`: the escape suite holds on both runtimes, and can fail.
+
+- The catalog: at least 40 attacks over the six categories, each with an in-sandbox
+  check and at least one weakened counterpart (fast, no engine).
+- The suite under the strict preset on runsc and the default preset on runc: no attack
+  escapes (beyond the known findings listed below, which the suite reports as ESCAPED
+  and `airlock conformance` exits 1 for).
+- Every weakened counterpart (runner/conformance/weakened.py): the attacks it targets
+  report "escaped". That is the proof that each check catches what it targets.
+
+NETWORK RULE: every attack aims at this machine only (see runner/conformance/probe.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import pytest
+
+from runner.conformance import ATTACKS, BY_ID, Suite, SuiteReport
+from runner.conformance.attacks import BATCHES
+from runner.conformance.probe import CHECKS
+from runner.conformance.runner import AttackResult
+from runner.conformance.table import plain, print_report
+from runner.conformance.weakened import WEAKENINGS, for_attack
+from runner.policy.loader import load_policy
+
+# Real findings of the suite, open at the time of writing; each still shows as ESCAPED
+# in `airlock conformance`. Remove an entry once it is fixed (the test warns when a
+# listed attack no longer escapes).
+#
+# - runc, priv.ptrace: PID 1 is docker-init running as the sandbox user and dumpable, so
+#   the agent can open /proc/1/mem read-write (ptrace is denied, this route is not) and
+#   take over the sandbox's init, e.g. to outlive the shim's dead-man switch.
+# - runsc, fs.mknod: gVisor lets the unprivileged agent mknod character devices on its
+#   tmpfs and open them (nodev is not honoured): /dev/net/tun and /dev/fuse of the
+#   Sentry become reachable. A seccomp rule denying S_IFCHR/S_IFBLK in mknod(at) fixes it.
+# - both, res.output-flood: past output_bytes the host kills the sandbox from the
+#   output pump's own thread, which then stops reading the attach stream; the container
+#   blocks on its full stdout and `docker kill` hangs (60 s timeout), so the run does not
+#   end (the suite closes the stream after 15 s to finish).
+KNOWN_ESCAPES: dict[str, set[str]] = {
+    "runc": {"priv.ptrace", "res.output-flood"},
+    "runsc": {"fs.mknod", "res.output-flood"},
+}
+
+CATEGORIES = {"network", "filesystem", "privilege", "resources", "secrets", "log"}
+
+
+# -- the catalog (no engine) ----------------------------------------------------------------
+
+
+def test_catalog_has_forty_attacks_over_every_category():
+    assert len(ATTACKS) >= 40
+    assert len({a.id for a in ATTACKS}) == len(ATTACKS)
+    assert {a.category for a in ATTACKS} == CATEGORIES
+    for a in ATTACKS:
+        assert a.tries and a.expected, a.id
+        assert a.batch in BATCHES, a.id
+
+
+def test_every_attack_has_an_in_sandbox_check():
+    assert set(CHECKS) == set(BY_ID)
+
+
+def test_every_attack_has_a_weakened_counterpart():
+    for a in ATTACKS:
+        assert for_attack(a.id), f"{a.id} has no weakened policy or setting"
+    for w in WEAKENINGS:
+        assert set(w.targets) <= set(BY_ID), w.name
+        assert set(w.targets_for("runsc")) <= set(w.targets), w.name
+        assert w.kind in ("policy", "setting", "policy+setting"), w.name
+        assert set(w.runtimes) <= {"runc", "runsc"}, w.name
+
+
+def test_every_attack_escapes_under_some_weakening_on_runc():
+    covered = {t for w in WEAKENINGS if "runc" in w.runtimes for t in w.targets_for("runc")}
+    assert covered == set(BY_ID)
+
+
+def _report(verdicts: dict[str, str]) -> SuiteReport:
+    results = [AttackResult(a, BY_ID[a].category, BY_ID[a].tries, BY_ID[a].expected,
+                            f"observed {v}", v, BY_ID[a].batch) for a, v in verdicts.items()]
+    return SuiteReport("strict", "runsc", results, 1.0)
+
+
+def test_exit_code_and_rendering():
+    ok = _report({"net.interfaces": "blocked", "priv.bpf": "blocked"})
+    assert ok.exit_code == 0
+    bad = _report({"net.interfaces": "blocked", "priv.bpf": "escaped"})
+    assert bad.exit_code == 1 and [r.id for r in bad.escaped] == ["priv.bpf"]
+    assert _report({"net.interfaces": "error"}).exit_code == 1
+    text = plain(bad, width=140)
+    assert "priv.bpf" in text and "ESCAPED" in text and "1 escaped" in text
+    buf = io.StringIO()
+    print_report(bad, json_out=True, out=buf)
+    data = json.loads(buf.getvalue())
+    assert data["summary"] == {"attacks": 2, "blocked": 1, "escaped": 1, "errors": 0}
+    assert {r["id"] for r in data["results"]} == {"net.interfaces", "priv.bpf"}
+
+
+# -- against the real engine --------------------------------------------------------------
+
+SUITES = [pytest.param("strict", "runsc", id="strict-runsc"),
+          pytest.param("default", "runc", id="default-runc")]
+
+
+def _check_no_escape(report: SuiteReport) -> None:
+    table = plain(report, width=200)
+    assert not report.errors, table
+    escaped = {r.id for r in report.escaped}
+    known = KNOWN_ESCAPES.get(report.runtime, set())
+    assert escaped <= known, f"new escapes {sorted(escaped - known)}\n{table}"
+    fixed = known - escaped
+    if fixed:
+        warnings.warn(f"known findings no longer escape on {report.runtime}: {sorted(fixed)}; "
+                      "remove them from KNOWN_ESCAPES", stacklevel=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("preset", "runtime"), SUITES)
+def test_suite_blocks_every_attack(engine, preset, runtime):
+    report = Suite(load_policy(preset).policy, runtime=runtime).run()
+    assert len(report.results) == len(ATTACKS)
+    _check_no_escape(report)
+    assert report.duration_s < 150, report.runs
+
+
+def _weakened_cases() -> list[pytest.ParameterSet]:
+    cases = []
+    for w in WEAKENINGS:
+        for preset, runtime in (("default", "runc"), ("strict", "runsc")):
+            if runtime in w.runtimes:
+                cases.append(pytest.param(w, preset, runtime, id=f"{w.name}-{runtime}"))
+    return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("weakening", "preset", "runtime"), _weakened_cases())
+def test_weakened_counterpart_reports_the_escape(engine, weakening, preset, runtime):
+    targets = list(weakening.targets_for(runtime))
+    report = Suite(load_policy(preset).policy, runtime=runtime,
+                   weakening=weakening).run(targets)
+    verdicts = {r.id: r.verdict for r in report.results}
+    assert set(verdicts) == set(targets)
+    missed = {a: v for a, v in verdicts.items() if v != "escaped"}
+    assert not missed, f"{weakening.name} ({weakening.how}):\n{plain(report, width=200)}"
+
+
+@pytest.mark.slow
+def test_cli_prints_json_and_exits_zero(airlock, engine):
+    r = airlock("conformance", "--policy", "default", "--runtime", "runc",
+                "--only", "net.interfaces", "--only", "priv.capabilities", "--json")
+    assert r.code == 0, r.stdout + r.stderr
+    data = json.loads(r.stdout)
+    assert {x["id"] for x in data["results"]} == {"net.interfaces", "priv.capabilities"}
+    assert data["summary"]["blocked"] == 2
