@@ -125,7 +125,10 @@ class Run:
                 self._end_reason = reason
             sandbox = self._sandbox
         if sandbox is not None:
-            sandbox.kill()
+            # Never on the caller's thread: it may be the output pump (whose draining the
+            # engine needs before the container can die: under gVisor a kill waited on it
+            # forever) or the services' event loop (which must keep answering meanwhile).
+            threading.Thread(target=sandbox.kill, name="airlock-kill", daemon=True).start()
 
     def _on_budget(self, exc: BudgetExceeded) -> None:
         self._end("budget")
@@ -358,9 +361,14 @@ class Run:
         agent = self.o.agent
         partial = {"stdout": b"", "stderr": b""}
         try:
+            over = False
             for stream, chunk in sandbox.output():
-                if not self.budgets.charge("output_bytes", len(chunk)):
-                    break
+                # Past the budget the sandbox is being killed; keep draining what is still
+                # in flight, unrecorded: an attach stream nobody reads can hold the
+                # engine's end of the container open (seen under gVisor: it never exited).
+                if over or not self.budgets.charge("output_bytes", len(chunk)):
+                    over = True
+                    continue
                 if self.o.on_output is not None:
                     self.o.on_output(stream, chunk)
                 text = chunk.decode("utf-8", errors="replace")
