@@ -37,7 +37,7 @@ class Agent(ABC):
     structured_stdout: bool = True
     # Paths this agent must be able to write (home, caches, config home), as tmpfs with
     # their sizes ("256m"); the policy's own tmpfs entries win over these.
-    tmpfs: dict[str, str] = {}  # noqa: RUF012 - read-only class default
+    tmpfs: dict[str, str] = {}
 
     @abstractmethod
     def argv(self, ctx: AgentContext) -> list[str]: ...

@@ -110,14 +110,12 @@ class Run:
         self.log.emit("control.refused", "host")
 
     def _note_refusal(self, event: Event) -> None:
-        if event.trusted and (event.type.endswith((".refused", ".unauthorized"))
-                              or event.type == "control.refused"):
-            if len(self._refused) < 200:
-                d = event.data
-                self._refused.append({"seq": event.seq, "type": event.type,
-                                      "reason": d.get("reason"),
-                                      "what": d.get("target") or d.get("tool") or d.get("model")
-                                      or d.get("path")})
+        refusal = event.type.endswith((".refused", ".unauthorized"))
+        if event.trusted and refusal and len(self._refused) < 200:
+            d = event.data
+            self._refused.append({"seq": event.seq, "type": event.type, "reason": d.get("reason"),
+                                  "what": d.get("target") or d.get("tool") or d.get("model")
+                                  or d.get("path")})
 
     def _end(self, reason: str) -> None:
         with self._lock:
@@ -232,7 +230,7 @@ class Run:
             status = "not_ready" if exc.exit_code == ExitCode.NOT_READY else "error"
             reason = "error"
             self.log.emit("run.error", "host", error=error)
-        except Exception as exc:  # noqa: BLE001 - the engine went away mid-run, typically
+        except Exception as exc:
             error = f"the engine connection failed mid-run: {type(exc).__name__}: {exc}"[:500]
             exit_code, status, reason = ExitCode.NOT_READY, "engine_lost", "engine"
             self.log.emit("run.error", "host", error=error)
@@ -293,7 +291,7 @@ class Run:
             try:
                 sandbox.remove()
                 self.log.emit("sandbox.removed", "host")
-            except Exception as exc:  # noqa: BLE001 - the reaper removes it later
+            except Exception as exc:
                 needs_gc()
                 self.log.emit("sandbox.remove_failed", "host", error=str(exc)[:300])
         if control is not None:
@@ -302,7 +300,7 @@ class Run:
             self.result_value = self.mcp_server.result
         try:
             services.close()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.log.emit("services.close_failed", "host", error=str(exc)[:300])
 
     def _model(self) -> str | None:
@@ -381,7 +379,7 @@ class Run:
                     self._parse(agent, stream, raw.decode("utf-8", errors="replace"))
                 if len(partial[stream]) > 1 << 20:
                     partial[stream] = b""
-        except Exception as exc:  # noqa: BLE001 - the engine dropped the stream
+        except Exception as exc:
             self.log.emit("output.error", "host", error=str(exc)[:300])
 
     def _parse(self, agent: Agent, stream: str, line: str) -> None:
