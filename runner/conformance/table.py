@@ -58,6 +58,7 @@ def print_report(report: SuiteReport, *, json_out: bool = False,
         try:
             from rich.console import Console
             from rich.table import Table
+            from rich.text import Text
         except ImportError:
             pass
         else:
@@ -68,11 +69,12 @@ def print_report(report: SuiteReport, *, json_out: bool = False,
             table.add_column("observed", ratio=4)
             table.add_column("verdict", no_wrap=True)
             for r in report.results:
-                table.add_row(r.id, r.expected, r.observed,
-                              f"[{_STYLE[r.verdict]}]{_MARK[r.verdict]}[/]")
+                # Text, not markup: observations are full of brackets.
+                table.add_row(Text(r.id), Text(r.expected), Text(r.observed),
+                              Text(_MARK[r.verdict], style=_STYLE[r.verdict]))
             console = Console(file=stream)
             console.print(table)
             style = "green" if report.exit_code == 0 else "bold red"
-            console.print(f"[{style}]{summary_line(report)}[/]")
+            console.print(Text(summary_line(report), style=style))
             return
     stream.write(plain(report) + "\n")
