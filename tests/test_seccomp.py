@@ -311,8 +311,22 @@ def test_only_eq_conditions_one_per_rule(runtime: str, arch: str) -> None:
             if rule.get("args"):
                 assert len(rule["names"]) == 1 and rule["action"] == "SCMP_ACT_ALLOW"
         ops = {(n, a["op"]) for n, a in all_args(profile)}
+        mknod = {("mknodat", "SCMP_CMP_MASKED_EQ")}
+        if arch == "x86_64":
+            mknod.add(("mknod", "SCMP_CMP_MASKED_EQ"))
         assert ops == {("socket", "SCMP_CMP_EQ"), ("socketpair", "SCMP_CMP_EQ"),
-                       ("personality", "SCMP_CMP_EQ"), ("clone", "SCMP_CMP_MASKED_EQ")}
+                       ("personality", "SCMP_CMP_EQ"), ("clone", "SCMP_CMP_MASKED_EQ"), *mknod}
+
+
+@pytest.mark.parametrize("runtime", ["runc", "runsc"])
+def test_mknod_makes_fifos_and_files_never_devices(runtime: str) -> None:
+    profile = compile_seccomp(SeccompPolicy(), runtime, "x86_64")  # type: ignore[arg-type]
+    for name, index in (("mknod", 1), ("mknodat", 2)):
+        got = sorted((a["index"], a["value"], a.get("valueTwo")) for n, a in all_args(profile)
+                     if n == name)
+        assert got == [(index, 0o170000, t) for t in (0, 0o010000, 0o100000)]
+        assert not any(name in r["names"] and not r.get("args") and r["action"].endswith("ALLOW")
+                       for r in profile["syscalls"])
 
 
 def eq_values(profile: dict[str, Any], name: str = "socket") -> list[int]:

@@ -65,7 +65,14 @@ CLONE_NAMESPACE_FLAGS = 0x7E020000
 PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
 
 # Calls that never get a plain ALLOW: they are compiled to argument rules or per runtime.
-_CONDITIONAL = frozenset({"clone", "clone3", "personality", "socket", "socketpair"})
+_CONDITIONAL = frozenset({"clone", "clone3", "personality", "socket", "socketpair", "mknod",
+                          "mknodat"})
+# mknod may make FIFOs and regular files (file type 0 means regular), never device nodes:
+# without CAP_MKNOD the kernel refuses devices under runc, but gVisor let uid 1000 make
+# and open /dev/null-, tun- and fuse-like nodes on a tmpfs (found by the conformance suite).
+S_IFMT = 0o170000
+MKNOD_TYPES = (0, 0o010000, 0o100000)  # unspecified (regular), S_IFIFO, S_IFREG
+MKNOD_MODE_ARG = {"mknod": 1, "mknodat": 2}
 
 _ARCH_ALIASES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 _SCMP_ARCH = {"x86_64": "SCMP_ARCH_X86_64", "aarch64": "SCMP_ARCH_AARCH64"}
@@ -171,6 +178,10 @@ def compile_seccomp(
         rules.extend(_arg_rule("socket", 0, f, "SCMP_CMP_EQ") for f in socket_families(policy))
     if "socketpair" in allowed:
         rules.append(_arg_rule("socketpair", 0, AF_UNIX, "SCMP_CMP_EQ"))
+    for name, index in MKNOD_MODE_ARG.items():
+        if name in allowed:
+            rules.extend(_arg_rule(name, index, S_IFMT, "SCMP_CMP_MASKED_EQ", value_two=t)
+                         for t in MKNOD_TYPES)
 
     enosys: set[str] = set()
     if runtime == "runc":
