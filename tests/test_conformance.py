@@ -34,9 +34,6 @@ from runner.policy.loader import load_policy
 # - runc, priv.ptrace: PID 1 is docker-init running as the sandbox user and dumpable, so
 #   the agent can open /proc/1/mem read-write (ptrace is denied, this route is not) and
 #   take over the sandbox's init, e.g. to outlive the shim's dead-man switch.
-# - runsc, fs.mknod: gVisor lets the unprivileged agent mknod character devices on its
-#   tmpfs and open them (nodev is not honoured): /dev/net/tun and /dev/fuse of the
-#   Sentry become reachable. A seccomp rule denying S_IFCHR/S_IFBLK in mknod(at) fixes it.
 # - both, res.output-flood (intermittent): past output_bytes the host kills the sandbox
 #   from the output pump's own thread (Budgets callback -> Run._end -> sandbox.kill()),
 #   so nobody reads the attach stream while `docker kill` runs; the container blocks on
@@ -46,7 +43,7 @@ from runner.policy.loader import load_policy
 #   suite closes the stream after 15 s, which lets the kill finish.
 KNOWN_ESCAPES: dict[str, set[str]] = {
     "runc": {"priv.ptrace", "res.output-flood"},
-    "runsc": {"fs.mknod", "res.output-flood"},
+    "runsc": {"res.output-flood"},
 }
 
 CATEGORIES = {"network", "filesystem", "privilege", "resources", "secrets", "log"}

@@ -333,11 +333,17 @@ WEAKENINGS: list[Weakening] = [
         runtimes=("runc",), create=_create(_host_sys, _root)),
     Weakening(
         "mknod", ("fs.mknod",), "policy+setting",
-        "process.capabilities: [MKNOD], read_only_root: false, and root",
+        "process.capabilities: [MKNOD], read_only_root: false, root, and seccomp=unconfined "
+        "(the profile refuses device nodes to mknod whatever the capabilities)",
         runtimes=("runc",),
         policy=_edits(_set("process.capabilities", ["MKNOD"]),
                       _set("filesystem.read_only_root", False)),
-        create=_create(_root)),
+        create=_create(_root, _unconfined)),
+    Weakening(
+        "mknod-gvisor", ("fs.mknod",), "setting",
+        "seccomp=unconfined: gVisor itself lets the unprivileged user make device nodes on "
+        "its tmpfs and open them (nodev is not honoured)",
+        runtimes=("runsc",), create=_create(_unconfined)),
     Weakening(
         "exec-tmpfs", ("fs.exec-tmpfs",), "policy+setting",
         "filesystem.exec_tmpfs: [/tmp], and `exec` in /tmp's mount options (the compiled "
