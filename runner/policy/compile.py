@@ -83,7 +83,9 @@ def container_spec(policy: Policy, inputs: SandboxInputs) -> ContainerSpec:
         cpus=res.cpus,
         pids=res.pids,
         nofile=res.nofile,
-        init=policy.process.init,
+        # The shim is PID 1 and does an init's work (reaping, forwarding signals); the
+        # engine's init would run as the sandbox user, dumpable, open to the agent.
+        init=False,
         working_dir=WORKSPACE_PATH if inputs.workspace is not None else SANDBOX_HOME,
         log_max_bytes=max(res.output_bytes + (1 << 20), 1 << 20),
     )

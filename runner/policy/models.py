@@ -152,7 +152,10 @@ class ProcessPolicy(Strict):
     seccomp: SeccompPolicy = Field(default_factory=SeccompPolicy)
     runtime: Literal["runc", "runsc"] = Field("runc", description="runc, or runsc (gVisor).")
     no_new_privileges: bool = True
-    init: bool = Field(True, description="Run an init as PID 1 that reaps and forwards signals.")
+    init: bool = Field(
+        True, description="PID 1 reaps orphans and forwards signals (the shim does it; "
+        "false is accepted for compatibility and changes nothing)."
+    )
 
     @field_validator("user")
     @classmethod

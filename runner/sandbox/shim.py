@@ -90,6 +90,22 @@ def start_bridges(bridges: list[dict]) -> list[socket.socket]:
     return listeners
 
 
+def wait_agent(pid: int) -> int:
+    """The agent's exit code (negative: the signal that ended it).
+
+    The shim is the sandbox's PID 1 (not the engine's init, which would run as the
+    sandbox user and be dumpable, so the agent could open its /proc/1/mem): orphans are
+    reparented to it, so it reaps every child and returns when the agent's own ends.
+    """
+    while True:
+        try:
+            reaped, status = os.waitpid(-1 if os.getpid() == 1 else pid, 0)
+        except ChildProcessError:
+            return 1
+        if reaped == pid:
+            return os.waitstatus_to_exitcode(status)
+
+
 def write_files(files: dict[str, str]) -> None:
     for path, content in files.items():
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -188,7 +204,7 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
 
-    code = child.wait()
+    code = wait_agent(child.pid)
     # Anything the agent left running in its group goes with it.
     kill_group()
     code = 128 - code if code < 0 else code
