@@ -27,24 +27,19 @@ from runner.conformance.table import plain, print_report
 from runner.conformance.weakened import WEAKENINGS, for_attack
 from runner.policy.loader import load_policy
 
-# Real findings of the suite, open at the time of writing; each still shows as ESCAPED
-# in `airlock conformance`. Remove an entry once it is fixed (the test warns when a
-# listed attack no longer escapes).
-#
-# - runc, priv.ptrace: PID 1 is docker-init running as the sandbox user and dumpable, so
-#   the agent can open /proc/1/mem read-write (ptrace is denied, this route is not) and
-#   take over the sandbox's init, e.g. to outlive the shim's dead-man switch.
-# - both, res.output-flood (intermittent): past output_bytes the host kills the sandbox
-#   from the output pump's own thread (Budgets callback -> Run._end -> sandbox.kill()),
-#   so nobody reads the attach stream while `docker kill` runs; the container blocks on
-#   its full stdout and the kill hangs (60 s client timeout), the run does not end. Draining
-#   after the kill returns (the change in progress in orchestrator.py) is not enough: the
-#   kill has to run off the pump thread, or the stream be drained while it runs. The
-#   suite closes the stream after 15 s, which lets the kill finish.
-KNOWN_ESCAPES: dict[str, set[str]] = {
-    "runc": {"priv.ptrace", "res.output-flood"},
-    "runsc": {"res.output-flood"},
-}
+# Findings the suite made, each fixed since (kept here as the record of what it caught):
+# - runc, priv.ptrace: Docker's init ran as the sandbox user and dumpable, so the agent
+#   could open /proc/1/mem read-write (ptrace denied, that route not); the shim is PID 1
+#   now (68730f8).
+# - runsc, fs.mknod: gVisor let uid 1000 mknod character devices on its tmpfs and open
+#   them (/dev/net/tun, /dev/fuse; nodev not honoured); seccomp now refuses device nodes
+#   to mknod/mknodat (024b9f2).
+# - both, res.output-flood: the budget kill ran on the output pump's thread, nobody
+#   drained the attach stream meanwhile, the container blocked on its stdout and
+#   `docker kill` hung; kills run on their own thread now (7e766cd).
+# An entry here (runtime -> attack ids) would let a known, reported escape through
+# while it is being fixed; the test warns once it no longer escapes.
+KNOWN_ESCAPES: dict[str, set[str]] = {}
 
 CATEGORIES = {"network", "filesystem", "privilege", "resources", "secrets", "log"}
 
