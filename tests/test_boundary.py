@@ -169,3 +169,14 @@ def test_events_and_report_are_written(airlock):
     out = [e for e in r.events() if e["type"] == "agent.output"]
     assert out and out[0]["source"] == "agent" and "hello" in out[0]["data"]["text"]
     assert r.report["policy_digest"].startswith("sha256:")
+
+
+def test_exec_tmpfs_is_explicit(airlock, tmp_path):
+    script = "cp /bin/true /tmp/t && /tmp/t && echo exec-ok"
+    denied = airlock("run", "--quiet", "--", "sh", "-c", script)
+    assert "exec-ok" not in denied.stdout and "Permission denied" in denied.stderr
+    policy = write_policy(tmp_path, "extends: default\nfilesystem: {exec_tmpfs: [/tmp]}\n")
+    allowed = airlock("run", "--quiet", "--policy", policy, "--", "sh", "-c", script)
+    assert "exec-ok" in allowed.stdout
+    assert any(e["type"] == "policy.widened" and "exec_tmpfs" in e["data"]["detail"]
+               for e in allowed.events())

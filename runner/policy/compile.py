@@ -39,8 +39,8 @@ def tmpfs_options(policy: Policy) -> dict[str, str]:
     out = {}
     for path, size in policy.filesystem.tmpfs.items():
         opts = ["rw", "nosuid", "nodev", f"size={size}"]
-        if path not in policy.filesystem.exec_tmpfs:
-            opts.append("noexec")
+        # Docker mounts tmpfs noexec unless told otherwise, so exec must be explicit.
+        opts.append("exec" if path in policy.filesystem.exec_tmpfs else "noexec")
         # runc < 1.1.8 ignores mode= over an existing image directory, so ownership is
         # what makes the mount writable for the sandbox user.
         opts += [f"uid={uid}", f"gid={gid}", "mode=1777" if path == "/tmp" else "mode=0700"]
