@@ -22,14 +22,14 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from runner.testing.listener import HostListener
 
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 POLICY_FILE = DEMO_DIR / "policy.yaml"
@@ -112,40 +112,7 @@ WHAT = {  # a human name for each recorded attempt
 # -- the host side of the demo ---------------------------------------------------------------
 
 
-class Listener:
-    """A TCP listener on every address of this host: the sandbox must never reach it."""
 
-    def __init__(self) -> None:
-        self.hits: list[str] = []
-        self.socks: list[socket.socket] = []
-        v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        v4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        v4.bind(("0.0.0.0", 0))
-        self.port = int(v4.getsockname()[1])
-        self.socks.append(v4)
-        try:
-            v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            v6.bind(("::", self.port))
-            self.socks.append(v6)
-        except OSError:
-            pass
-        for s in self.socks:
-            s.listen(8)
-            threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-
-    def _accept(self, s: socket.socket) -> None:
-        while True:
-            try:
-                conn, addr = s.accept()
-            except OSError:
-                return
-            self.hits.append(str(addr[0]))
-            conn.close()
-
-    def close(self) -> None:
-        for s in self.socks:
-            s.close()
 
 
 def demo_policy(provider: dict[str, Any] | None, env: dict[str, str]) -> dict[str, Any]:
@@ -200,7 +167,7 @@ def run_demo() -> int:
     from runner.run.hostaddrs import host_addresses
 
     scratch = Path(tempfile.mkdtemp(prefix="airlock-demo-"))
-    listener = Listener()
+    listener = HostListener()
     try:
         workspace = scratch / "workspace"
         workspace.mkdir()
@@ -228,7 +195,7 @@ def run_demo() -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def summarize(result: Any, feed: Feed, listener: Listener, workspace: Path, secret: str) -> int:
+def summarize(result: Any, feed: Feed, listener: HostListener, workspace: Path, secret: str) -> int:
     calls = feed.of("agent.tool_call")
     escapes = [c for c in calls if str(c.get("id", "")).startswith(ESCAPE)]
     escaped = [c for c in escapes if c.get("ok")]
@@ -297,7 +264,7 @@ def record() -> int:
     key_var = "DEMO_RECORDING_KEY"
     os.environ[key_var] = "sk-demo-" + secrets.token_hex(8)
     scratch = Path(tempfile.mkdtemp(prefix="airlock-demo-rec-"))
-    listener = Listener()
+    listener = HostListener()
     try:
         workspace = scratch / "workspace"
         workspace.mkdir()

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from runner.testing.listener import HostListener
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBES = Path(__file__).resolve().parent / "probes"
@@ -91,43 +91,8 @@ def engine() -> Iterator[object]:
     yield docker.from_env()
 
 
-class Canary:
-    """A TCP listener on every host interface (IPv4 and IPv6) that records connections."""
-
-    def __init__(self) -> None:
-        self.hits: list[tuple[str, int]] = []
-        self.v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.v4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.v4.bind(("0.0.0.0", 0))
-        self.port = self.v4.getsockname()[1]
-        self.socks = [self.v4]
-        try:
-            v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            v6.bind(("::", self.port))
-            self.socks.append(v6)
-        except OSError:
-            pass
-        for s in self.socks:
-            s.listen(16)
-            s.settimeout(0.2)
-            threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-        self._stop = False
-
-    def _accept(self, s: socket.socket) -> None:
-        while True:
-            try:
-                conn, addr = s.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.hits.append(addr[:2])
-            conn.close()
-
-    def close(self) -> None:
-        for s in self.socks:
-            s.close()
+class Canary(HostListener):
+    """The host listener every network test starts: it must see no connection."""
 
 
 @pytest.fixture
