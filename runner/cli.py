@@ -47,33 +47,23 @@ def _progress(msg: str) -> None:
 # -- run ---------------------------------------------------------------------------------
 
 
-_AGENT = typer.Option("--agent", "-a", help="command|builtin|codex|claude-code")
-_PROVIDER = typer.Option(help="Provider backend (overrides the policy's).")
-_WORKSPACE = typer.Option("--workspace", "-w", help="Directory mounted at /workspace.")
-_IMAGE = typer.Option(help="Airlock image for --agent command (base, builtin, codex, ...).")
-_MCP_TOOL = typer.Option("--mcp-tool", help="module:function exposed as an MCP tool.")
-_MCP_SERVER = typer.Option("--mcp-server", help="'CMD ARGS' of an MCP server the host starts.")
-_ENABLE_TOOL = typer.Option("--enable-tool", help="A tool of --mcp-server to expose.")
-_TYPE = typer.Option("--type", "-t", help="Only these types (prefix match).")
-_ONLY = typer.Option("--only", help="Run only attacks whose id starts with this.")
-
 
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
     task: Annotated[list[str], typer.Argument(help="The prompt, or the command (after --).")],
     policy: Annotated[str, typer.Option("--policy", "-p", help="Preset name or file.")] = "default",
-    agent: Annotated[str, _AGENT] = "command",
-    provider: Annotated[str | None, _PROVIDER] = None,
+    agent: Annotated[str, typer.Option("--agent", "-a", help="command|builtin|codex|claude-code")] = "command",
+    provider: Annotated[str | None, typer.Option(help="Provider backend (overrides the policy's).")] = None,
     model: Annotated[str | None, typer.Option(help="Model, role or alias the policy allows.")] = None,
-    workspace: Annotated[Path | None, _WORKSPACE] = None,
+    workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Directory mounted at /workspace.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON event per line on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the agent's own output.")] = False,
     record: Annotated[Path | None, typer.Option(help="Record provider exchanges to this file.")] = None,
     runtime: Annotated[str | None, typer.Option(help="runc or runsc (overrides the policy's).")] = None,
-    image: Annotated[str | None, _IMAGE] = None,
-    mcp_tool: Annotated[list[str] | None, _MCP_TOOL] = None,
-    mcp_server: Annotated[list[str] | None, _MCP_SERVER] = None,
-    enable_tool: Annotated[list[str] | None, _ENABLE_TOOL] = None,
+    image: Annotated[str | None, typer.Option(help="Airlock image for --agent command (base, builtin, codex, ...).")] = None,
+    mcp_tool: Annotated[list[str] | None, typer.Option("--mcp-tool", help="module:function exposed as an MCP tool.")] = None,
+    mcp_server: Annotated[list[str] | None, typer.Option("--mcp-server", help="'CMD ARGS' of an MCP server the host starts.")] = None,
+    enable_tool: Annotated[list[str] | None, typer.Option("--enable-tool", help="A tool of --mcp-server to expose.")] = None,
 ) -> None:
     """Run an agent (or a command) inside a sandbox under a policy."""
     from runner.run.launch import launch
@@ -270,7 +260,7 @@ def events(
     run_id: Annotated[str, typer.Argument(help="Run id, or `verify RUN`.")],
     verify_id: Annotated[str | None, typer.Argument(help="With `verify`: the run id.")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
-    type_: Annotated[list[str] | None, _TYPE] = None,
+    type_: Annotated[list[str] | None, typer.Option("--type", "-t", help="Only these types (prefix match).")] = None,
 ) -> None:
     """Print a run's events (`airlock events verify RUN` checks the hash chain)."""
     from runner.run import history
@@ -296,7 +286,7 @@ def events(
 def conformance(
     policy: Annotated[str, typer.Option("--policy", "-p", help="Preset name or file.")] = "strict",
     runtime: Annotated[str | None, typer.Option(help="runc or runsc (overrides the policy's).")] = None,
-    only: Annotated[list[str] | None, _ONLY] = None,
+    only: Annotated[list[str] | None, typer.Option("--only", help="Run only attacks whose id starts with this.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Results as JSON.")] = False,
 ) -> None:
     """Run the shipped escape suite inside sandboxes under a policy; exit 1 on any escape."""
