@@ -102,6 +102,16 @@ def canary() -> Iterator[Canary]:
     c.close()
 
 
+def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
+    """Poll `predicate` until it holds or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
 def write_policy(tmp_path: Path, text: str, name: str = "policy.yaml") -> str:
     path = tmp_path / name
     path.write_text(text)

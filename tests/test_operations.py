@@ -14,13 +14,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from runner.events.verify import verify_log
-from tests.conftest import AIRLOCK, ROOT
+from tests.conftest import AIRLOCK, ROOT, wait_for
 
 pytestmark = pytest.mark.usefixtures("engine")
 
@@ -31,15 +30,6 @@ def managed_containers(client, run_id: str | None = None) -> list:
     # The low-level listing: the high-level one inspects each container and races with
     # runs that remove theirs meanwhile.
     return client.api.containers(all=True, filters={"label": label})
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 # -- the log -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import AIRLOCK, ROOT, write_policy
+from tests.conftest import AIRLOCK, ROOT, wait_for, write_policy
 
 NOBODY = 65534
 
@@ -57,17 +57,8 @@ class Served:
         new = sorted(set(os.listdir(self.runs)) - since)
         assert new, "no run directory"
         path = self.runs / new[-1] / "report.json"
-        assert _wait(path.exists, 30), f"no report in {path.parent}"
+        assert wait_for(path.exists, 30), f"no report in {path.parent}"
         return json.loads(path.read_text())
-
-
-def _wait(predicate, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def _start_server(tmp_path: Path, env: dict[str, str]) -> Served:
@@ -84,7 +75,7 @@ def _start_server(tmp_path: Path, env: dict[str, str]) -> Served:
     with log.open("wb") as fh:
         proc = subprocess.Popen([*AIRLOCK, "serve"], env=env, cwd=ROOT, stdout=fh,
                                 stderr=subprocess.STDOUT)
-    assert _wait(lambda: "listening" in log.read_text() or proc.poll() is not None, 60)
+    assert wait_for(lambda: "listening" in log.read_text() or proc.poll() is not None, 60)
     assert proc.poll() is None, log.read_text()
     return Served(sock, log, env, runs, proc)
 
@@ -170,7 +161,7 @@ def test_ctrl_c_ends_the_run_interrupted(server: Served, engine, sig):
     assert proc.wait(timeout=30) == 130
     report = server.report(since)
     assert report["status"] == "interrupted" and report["exit_code"] == 130
-    assert _wait(lambda: not _managed(engine, report["run_id"]), 30)
+    assert wait_for(lambda: not _managed(engine, report["run_id"]), 30)
     assert server.served(proc.pid)
 
 
@@ -185,7 +176,7 @@ def test_sigkill_of_the_client_ends_its_run(server: Served, engine):
     report = server.report(since)
     assert time.monotonic() - t0 < 30  # ended by the dropped connection, not by `sleep`
     assert report["status"] == "interrupted"
-    assert _wait(lambda: not _managed(engine, report["run_id"]), 30)
+    assert wait_for(lambda: not _managed(engine, report["run_id"]), 30)
 
 
 def test_the_run_gets_the_clients_environment_not_the_servers(engine, tmp_path: Path):
@@ -300,7 +291,7 @@ def test_the_server_refuses_another_uid_even_if_the_socket_is_opened_up(server: 
     finally:
         os.chmod(server.socket, 0o600)
         os.chmod(server.socket.parent, 0o700)
-    assert _wait(lambda: f"refused a connection from uid {NOBODY}" in server.log.read_text(), 10)
+    assert wait_for(lambda: f"refused a connection from uid {NOBODY}" in server.log.read_text(), 10)
     assert "run for client pid" not in server.log.read_text()
 
 
