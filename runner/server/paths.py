@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 SOCKET_ENV = "AIRLOCK_SERVE_SOCKET"  # an explicit socket path (tests, several servers)
@@ -46,33 +47,29 @@ def _private_dir(path: Path) -> bool:
             and not st.st_mode & 0o077)
 
 
-def check_dir(path: Path) -> None:
-    """Raise InsecurePath unless `path` is a real directory of ours that only we reach."""
+def _check_private(path: Path, is_kind: Callable[[int], bool], kind: str, mode: str) -> None:
+    """Raise InsecurePath unless `path` is a `kind` owned by us that no one else reaches."""
     try:
         st = path.lstat()
     except OSError as exc:
         raise InsecurePath(f"{path}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise InsecurePath(f"{path} is not a directory")
+    if not is_kind(st.st_mode):
+        raise InsecurePath(f"{path} is not a {kind}")
     if st.st_uid != os.geteuid():
         raise InsecurePath(f"{path} is owned by uid {st.st_uid}, not {os.geteuid()}")
     if st.st_mode & 0o077:
-        raise InsecurePath(f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0700")
+        raise InsecurePath(f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be {mode}")
+
+
+def check_dir(path: Path) -> None:
+    """Raise InsecurePath unless `path` is a real directory of ours that only we reach."""
+    _check_private(path, stat.S_ISDIR, "directory", "0700")
 
 
 def check_socket(path: Path) -> None:
     """Raise InsecurePath unless `path` is a socket of ours, mode 0600, in a private dir."""
     check_dir(path.parent)
-    try:
-        st = path.lstat()
-    except OSError as exc:
-        raise InsecurePath(f"{path}: {exc.strerror}") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise InsecurePath(f"{path} is not a socket")
-    if st.st_uid != os.geteuid():
-        raise InsecurePath(f"{path} is owned by uid {st.st_uid}, not {os.geteuid()}")
-    if st.st_mode & 0o077:
-        raise InsecurePath(f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600")
+    _check_private(path, stat.S_ISSOCK, "socket", "0600")
 
 
 def make_dir(path: Path) -> None:
