@@ -772,3 +772,131 @@ def test_vertex_service_account_key_file(harnesses: list[Harness], loop: LoopThr
             assert "/locations/global/" in up.requests[0].path
     finally:
         token_server.shutdown()
+
+
+# -- the upstream connection ---------------------------------------------------------------
+
+def _openssl(*args: str, cwd: Path) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A private CA and a server certificate for localhost, made with openssl."""
+    d = tmp_path_factory.mktemp("ca")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
+             "-out", "ca.pem", "-days", "2", "-subj", "/CN=Airlock test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr",
+             "-subj", "/CN=localhost", cwd=d)
+    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                               "extendedKeyUsage=serverAuth\n")
+    _openssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", "srv.pem", "-days", "2", "-extfile", "ext.cnf", cwd=d)
+    return {"ca": d / "ca.pem", "cert": d / "srv.pem", "key": d / "srv.key"}
+
+
+def _tls_provider(test_ca: dict[str, Path], script: list[dict[str, Any]]) -> ScriptedProvider:
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(test_ca["cert"], test_ca["key"])
+    return ScriptedProvider(script, api_key=KEY, tls=ctx)
+
+
+def test_https_upstream_trusted_through_ca_file(harnesses: list[Harness], loop: LoopThread,
+                                                sockdir: Path, test_ca: dict[str, Path]) -> None:
+    with _tls_provider(test_ca, [{"text": "over tls"}, {"text": "streamed over tls"}]) as up:
+        assert up.url.startswith("https://localhost:")
+        h = make(harnesses, loop, sockdir, anthropic_policy(up.url, ca_file=str(test_ca["ca"])))
+        client = h.anthropic()
+        msg = client.messages.create(model="sonnet", max_tokens=5,
+                                     messages=[{"role": "user", "content": "x"}])
+        assert msg.content[0].text == "over tls"
+        with client.messages.stream(model="sonnet", max_tokens=5, messages=[
+                {"role": "user", "content": "y"}]) as s:
+            assert s.get_final_text() == "streamed over tls"
+        assert [e["status"] for e in h.of("provider.request")] == [200, 200]
+        assert h.of("provider.gateway_started")[0]["ca_file"] == str(test_ca["ca"])
+
+
+def test_https_upstream_with_an_unknown_ca_is_refused(harnesses: list[Harness],
+                                                      loop: LoopThread, sockdir: Path,
+                                                      test_ca: dict[str, Path]) -> None:
+    with _tls_provider(test_ca, [{"text": "must not arrive"}]) as up:
+        h = make(harnesses, loop, sockdir, anthropic_policy(up.url))  # default trust store
+        resp = h.http.post("/v1/messages", json={"model": "sonnet", "max_tokens": 5,
+                                                 "messages": []})
+        assert resp.status_code == 502
+        ev = h.of("provider.request")[0]
+        assert ev["status"] == 502 and "CERTIFICATE_VERIFY_FAILED" in ev["error"]
+        assert up.requests == []  # the key was never sent
+
+
+def test_https_upstream_name_must_match_the_certificate(harnesses: list[Harness],
+                                                        loop: LoopThread, sockdir: Path,
+                                                        test_ca: dict[str, Path]) -> None:
+    with _tls_provider(test_ca, [{"text": "must not arrive"}]) as up:
+        by_ip = up.url.replace("localhost", "127.0.0.1")  # the certificate names localhost
+        h = make(harnesses, loop, sockdir, anthropic_policy(by_ip, ca_file=str(test_ca["ca"])))
+        resp = h.http.post("/v1/messages", json={"model": "sonnet", "max_tokens": 5,
+                                                 "messages": []})
+        assert resp.status_code == 502
+        assert "CERTIFICATE_VERIFY_FAILED" in h.of("provider.request")[0]["error"]
+        assert up.requests == []
+
+
+def test_unreadable_ca_file_stops_the_gateway_at_start(loop: LoopThread, sockdir: Path) -> None:
+    from runner.errors import NotReady
+
+    provider = anthropic_policy("https://localhost:9", ca_file=str(sockdir / "missing.pem"))
+    gw = ProviderGateway(provider, sockdir / "gw.sock", EventLog(None, "r"),
+                         Budgets({}, EventLog(None, "r")), environ={"PROVIDER_KEY": KEY})
+    with pytest.raises(NotReady, match=r"provider\.ca_file"):
+        loop.run(gw.start())
+
+
+def test_duplicate_json_keys_reach_the_provider_resolved(harnesses: list[Harness],
+                                                          loop: LoopThread, sockdir: Path) -> None:
+    # A body is checked as Python parses it (the last of duplicate keys wins) and then
+    # re-serialised, so a provider whose parser keeps the first key cannot be handed a
+    # model or tool the check never saw.
+    with ScriptedProvider([{"text": "ok"}], api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, anthropic_policy(up.url))
+        raw = (b'{"model":"claude-opus-4-1","model":"sonnet","max_tokens":5,'
+               b'"messages":[]}')
+        resp = h.http.post("/v1/messages", content=raw,
+                           headers={"content-type": "application/json"})
+        assert resp.status_code == 200
+        sent = up.requests[0].raw
+        assert sent.count(b'"model"') == 1 and b"claude-opus" not in sent
+        assert json.loads(sent)["model"] == "claude-sonnet-4-6"
+
+
+def test_upstream_connections_are_reused_and_replaced(harnesses: list[Harness],
+                                                      loop: LoopThread, sockdir: Path) -> None:
+    with ScriptedProvider([{"text": "ok"}], api_key=KEY, loop=True) as up:
+        h = make(harnesses, loop, sockdir, anthropic_policy(up.url))
+        body = {"model": "sonnet", "max_tokens": 5, "messages": []}
+        for _ in range(5):
+            assert h.http.post("/v1/messages", json=body).status_code == 200
+        client = h.gateway._client
+        assert client is not None
+        idle = [c for conns in client._idle.values() for c in conns]
+        assert len(idle) == 1  # five requests, one kept-alive connection
+        # The provider closes idle connections whenever it likes: the next request
+        # notices and opens a new one instead of failing.
+        loop.run(_close_peer(idle[0]))
+        assert h.http.post("/v1/messages", json=body).status_code == 200
+        assert len(up.requests) == 6
+
+
+async def _close_peer(conn: Any) -> None:
+    import asyncio
+
+    sock = conn._network_stream.get_extra_info("socket")
+    sock.shutdown(2)  # the connection ends under the pool, as when a provider hangs up
+    await asyncio.sleep(0.05)

@@ -87,3 +87,144 @@ def test_a_client_that_does_not_read_slows_the_producer(tmp_path: Path):
         await server.aclose()
 
     asyncio.run(main())
+
+
+# -- requests as clients send them, and what the server answers ------------------------
+
+def _echo(req: Request) -> Response:
+    return Response(200, [("content-type", "text/plain"), ("x-method", req.method)],
+                    f"{req.method} {req.target} {len(req.body)}".encode())
+
+
+def _exchange(path: Path, raw: bytes, handler=None, *, max_body: int | None = None,
+              wait_close: bool = True) -> bytes:
+    """Send `raw` on one connection; everything the server writes until it closes (or
+    goes quiet for half a second)."""
+    async def default(req: Request) -> Response:
+        return _echo(req)
+
+    async def main() -> bytes:
+        kw = {"max_body": max_body} if max_body is not None else {}
+        server = HttpServer(handler or default, **kw)
+        await server.start_unix(path)
+
+        def talk() -> bytes:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(0.5)
+            s.connect(str(path))
+            s.sendall(raw)
+            got = b""
+            try:
+                while chunk := s.recv(65536):
+                    got += chunk
+            except TimeoutError:
+                pass
+            s.close()
+            return got
+
+        got = await asyncio.to_thread(talk)
+        await server.aclose()
+        return got
+
+    return asyncio.run(main())
+
+
+def test_pipelined_requests_are_answered_in_order(tmp_path: Path):
+    raw = (b"POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc"
+           b"GET /b?q=1 HTTP/1.1\r\nhost: x\r\n\r\n")
+    got = _exchange(tmp_path / "s.sock", raw)
+    assert got.index(b"POST /a 3") < got.index(b"GET /b?q=1 0")
+    assert got.count(b"HTTP/1.1 200 OK\r\n") == 2
+
+
+def test_malformed_request_is_400_and_closed(tmp_path: Path):
+    got = _exchange(tmp_path / "s.sock", b"GET /x HTTP/1.1\r\nbad header line\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 400 ") and b"connection: close" in got.lower()
+
+
+def test_upgrade_requests_get_no_protocol_switch(tmp_path: Path):
+    got = _exchange(tmp_path / "s.sock", b"GET /x HTTP/1.1\r\nhost: x\r\nconnection: upgrade"
+                    b"\r\nupgrade: h2c\r\n\r\nGET /y HTTP/1.1\r\nhost: x\r\n\r\n")
+    # answered as a plain request, then the connection ends: nothing after it is read
+    assert got.startswith(b"HTTP/1.1 200 ") and b"connection: close" in got
+    assert got.count(b"HTTP/1.1") == 1 and b"GET /y" not in got
+
+
+def test_oversized_head_is_431(tmp_path: Path):
+    raw = b"GET /x HTTP/1.1\r\nhost: x\r\n" + b"x-pad: " + b"a" * 70000 + b"\r\n\r\n"
+    got = _exchange(tmp_path / "s.sock", raw)
+    assert got.startswith(b"HTTP/1.1 431 ")
+
+
+def test_oversized_body_is_413(tmp_path: Path):
+    raw = b"POST /x HTTP/1.1\r\nhost: x\r\ncontent-length: 5000\r\n\r\n" + b"y" * 5000
+    got = _exchange(tmp_path / "s.sock", raw, max_body=1000)
+    assert got.startswith(b"HTTP/1.1 413 ")
+
+
+def test_expect_100_continue_is_answered_before_the_body(tmp_path: Path):
+    async def handler(req: Request) -> Response:
+        return Response(200, [], req.body)
+
+    async def main() -> None:
+        server = HttpServer(handler)
+        await server.start_unix(tmp_path / "s.sock")
+
+        def talk() -> tuple[bytes, bytes]:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(2)
+            s.connect(str(tmp_path / "s.sock"))
+            s.sendall(b"POST /x HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+                      b"content-length: 4\r\n\r\n")
+            interim = s.recv(65536)
+            s.sendall(b"body")
+            final = s.recv(65536)
+            s.close()
+            return interim, final
+
+        interim, final = await asyncio.to_thread(talk)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert final.startswith(b"HTTP/1.1 200 ") and final.endswith(b"\r\n\r\nbody")
+        await server.aclose()
+
+    asyncio.run(main())
+
+
+def test_http10_stream_is_sent_unchunked_then_closed(tmp_path: Path):
+    async def handler(req: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"one "
+            yield b"two"
+
+        return Response(200, [], body())
+
+    got = _exchange(tmp_path / "s.sock", b"GET /x HTTP/1.0\r\n\r\n", handler)
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower()
+    assert body == b"one two"
+
+
+def test_head_gets_no_body(tmp_path: Path):
+    got = _exchange(tmp_path / "s.sock", b"HEAD /x HTTP/1.1\r\nhost: x\r\n\r\n")
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: " in head and body == b""
+
+
+def test_a_header_that_would_split_the_response_is_never_written(tmp_path: Path):
+    finalised: list[BaseException | None] = []
+
+    async def handler(req: Request) -> Response:
+        async def final(error: BaseException | None) -> None:
+            finalised.append(error)
+
+        return Response(200, [("x-evil", "a\r\nset-cookie: stolen=1")], b"hi", final)
+
+    got = _exchange(tmp_path / "s.sock", b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n", handler)
+    assert b"set-cookie" not in got.lower()
+    assert len(finalised) == 1 and isinstance(finalised[0], ValueError)
+
+
+def test_a_head_that_never_ends_is_cut_off(tmp_path: Path):
+    raw = b"GET /x HTTP/1.1\r\nhost: x\r\nx-endless: " + b"a" * 200_000
+    got = _exchange(tmp_path / "s.sock", raw)
+    assert got.startswith(b"HTTP/1.1 431 ")

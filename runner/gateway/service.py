@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-import httpx
-
 from runner.events.budgets import Budgets
 from runner.events.log import EventSink, Source
 from runner.gateway import backends
@@ -37,6 +35,7 @@ from runner.gateway.record import (
     recordable_headers,
 )
 from runner.gateway.tools import check_tools
+from runner.gateway.upstream import UpstreamClient, UpstreamError
 from runner.gateway.usage import UsageMeter
 from runner.policy.models import ProviderPolicy
 
@@ -47,7 +46,6 @@ NO_RETRY = [("x-should-retry", "false")]
 GENERATION_KINDS = frozenset({"messages", "responses", "chat", "generate", "ollama_chat"})
 LIST_CAP = 8 * 1024 * 1024
 HEALTH_PATH = "/airlock/health"
-UPSTREAM_TIMEOUT = httpx.Timeout(connect=15.0, read=600.0, write=60.0, pool=30.0)
 
 
 class _Refused(Exception):
@@ -99,7 +97,7 @@ class ProviderGateway:
         else:
             self.spec = BACKENDS[provider.backend]
         self._credential: Credential = Credential()
-        self._client: httpx.AsyncClient | None = None
+        self._client: UpstreamClient | None = None
         self._recorder: Recorder | None = None
         self._server = HttpServer(self._handle)
         self._base_url = provider.base_url or self.spec.default_base_url
@@ -124,9 +122,9 @@ class ProviderGateway:
         if self._replayer is None:
             # No redirects, and nothing from the host's environment (a host HTTPS_PROXY
             # must not see the provider's key); TLS verified as httpx does by default.
-            self._client = httpx.AsyncClient(
-                timeout=UPSTREAM_TIMEOUT, trust_env=False, follow_redirects=False,
-                limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+            ca_file = self.provider.ca_file
+            self._client = UpstreamClient(
+                ca_file=Path(ca_file).expanduser() if ca_file else None)
         if self.record_path is not None:
             self._recorder = Recorder(self.record_path, self.api_backend,
                                       self._credential.secrets())
@@ -143,7 +141,8 @@ class ProviderGateway:
             upstream = f"{parts.scheme}://{parts.netloc}"
         self.sink.emit("provider.gateway_started", SOURCE, backend=self.provider.backend,
                        upstream=upstream, socket=str(self.socket_path),
-                       record=str(self.record_path) if self.record_path else None)
+                       record=str(self.record_path) if self.record_path else None,
+                       ca_file=self.provider.ca_file)
 
     async def aclose(self) -> None:
         await self._server.aclose()
@@ -324,25 +323,23 @@ class ProviderGateway:
             headers = [(k, v) for k, v in headers if k.lower() != "content-type"]
             headers.append(("content-type", "application/json"))
         try:
-            upstream_req = self._client.build_request(req.method, url, headers=headers,
-                                                      content=content)
-            upstream = await self._client.send(upstream_req, stream=True)
-        except httpx.HTTPError as exc:
-            call.error = redact_text(f"upstream unreachable: {type(exc).__name__}: {exc}",
+            upstream = await self._client.send(req.method, url, headers, content)
+        except UpstreamError as exc:
+            call.error = redact_text(f"upstream unreachable: {exc.kind}: {exc}",
                                      self._secrets())
             self._emit_request(call, 502, None, None)
             return Response(502, JSON, backends.error_body(
                 route.family, 502, "airlock: the provider could not be reached",
                 "airlock_upstream_unreachable"))
         secrets = self._secrets()
-        out_headers = response_headers(upstream.headers.multi_items(), secrets)
-        request_id = (upstream.headers.get("request-id") or upstream.headers.get("x-request-id"))
-        meter = UsageMeter(upstream.headers.get("content-type"))
+        out_headers = response_headers(upstream.headers, secrets)
+        request_id = upstream.header("request-id") or upstream.header("x-request-id")
+        meter = UsageMeter(upstream.header("content-type"))
         if exchange is not None:
-            exchange.status, exchange.response_headers = upstream.status_code, out_headers
+            exchange.status, exchange.response_headers = upstream.status, out_headers
 
         def settle() -> None:
-            self._finish(call, upstream.status_code, meter, request_id, exchange)
+            self._finish(call, upstream.status, meter, request_id, exchange)
 
         async def finalise(error: BaseException | None) -> None:
             await upstream.aclose()
@@ -350,24 +347,24 @@ class ProviderGateway:
                 call.error = f"client went away: {type(error).__name__}"
             settle()
 
-        if route.lists_models and upstream.status_code == 200:
+        if route.lists_models and upstream.status == 200:
             raw = b""
             try:
-                async for chunk in upstream.aiter_bytes():
+                async for chunk in upstream.stream:
                     raw += chunk
                     if len(raw) > LIST_CAP:
                         break
-            except httpx.HTTPError as exc:
-                call.error = f"upstream failed: {type(exc).__name__}"
+            except UpstreamError as exc:
+                call.error = f"upstream failed: {exc.kind}"
             data = Scrubber(secrets).feed(self._filter_listing(route, raw))
             call.bytes_out = len(data)
             call.ttfb = time.monotonic()
             if exchange is not None:
                 exchange.add_chunk(data)
-            return Response(upstream.status_code, out_headers, data, finalise)
+            return Response(upstream.status, out_headers, data, finalise)
 
-        return Response(upstream.status_code, out_headers,
-                        self._relay(upstream.aiter_bytes(), call, meter, secrets, exchange,
+        return Response(upstream.status, out_headers,
+                        self._relay(upstream.stream, call, meter, secrets, exchange,
                                     settle), finalise)
 
     async def _relay(self, chunks: AsyncIterator[bytes], call: _Call, meter: UsageMeter,
@@ -391,10 +388,10 @@ class ProviderGateway:
                     if exchange is not None:
                         exchange.add_chunk(out)
                     yield out
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             # Re-raised: the agent's connection is cut without the final chunk, so a
             # truncated stream cannot pass for a complete one.
-            call.error = f"upstream failed mid-stream: {type(exc).__name__}"
+            call.error = f"upstream failed mid-stream: {exc.kind}"
             raise
         tail = scrub.flush()
         if tail:

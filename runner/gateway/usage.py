@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 MAX_LINE = 16 * 1024 * 1024
@@ -40,7 +40,10 @@ class Usage:
         return self.input_tokens is not None or self.output_tokens is not None
 
     def as_event(self) -> dict[str, Any]:
-        return asdict(self)
+        # Spelled out: dataclasses.asdict deep-copies, and this runs once per request.
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "cache_read_tokens": self.cache_read_tokens,
+                "cache_write_tokens": self.cache_write_tokens, "stop_reason": self.stop_reason}
 
 
 def _int(v: Any) -> int | None:

@@ -267,6 +267,9 @@ class ProviderPolicy(Strict):
     project: str | None = Field(None, description="Vertex AI project.")
     region: str | None = Field(None, description="Vertex AI region.")
     replay_file: str | None = Field(None, description="Recorded exchanges (backend replay).")
+    ca_file: str | None = Field(
+        None, description="PEM file of extra certificate authorities to trust for the "
+        "provider (a corporate TLS proxy's); the default trust store still applies.")
 
     @field_validator("api_key_env")
     @classmethod

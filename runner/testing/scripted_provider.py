@@ -29,6 +29,7 @@ import contextlib
 import json
 import re
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -101,6 +102,7 @@ class ScriptedProvider:
         port: int = 0,
         log_path: Path | None = None,
         strict_models: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """`script`: turns served in order to generation requests, or a callable that
         returns a turn for each request. `api_key`: when set, requests without it get
@@ -121,6 +123,11 @@ class ScriptedProvider:
         self._lock = threading.Lock()
         self._log_path = log_path
         self._server = _Server((host, port), _Handler)
+        # With `tls`, the provider answers HTTPS as https://localhost:PORT (the name a
+        # test certificate carries); the handshake happens as each client is accepted.
+        self.tls = tls is not None
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self._server.provider = self
         self._thread: threading.Thread | None = None
 
@@ -132,6 +139,8 @@ class ScriptedProvider:
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"https://localhost:{self.port}"
         host = self._server.server_address[0]
         return f"http://{host!s}:{self.port}"
 
