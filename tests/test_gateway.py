@@ -900,3 +900,37 @@ async def _close_peer(conn: Any) -> None:
     sock = conn._network_stream.get_extra_info("socket")
     sock.shutdown(2)  # the connection ends under the pool, as when a provider hangs up
     await asyncio.sleep(0.05)
+
+
+def test_upstream_cut_mid_stream_cuts_the_agent_too(harnesses: list[Harness], loop: LoopThread,
+                                                    sockdir: Path) -> None:
+    import socket
+
+    # A provider that starts a chunked stream and then drops the connection.
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n"
+                     b"1a\r\nevent: ping\ndata: {\"a\":1}\n\n\r\n")
+        time.sleep(0.2)
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    h = make(harnesses, loop, sockdir, anthropic_policy(f"http://127.0.0.1:{port}"))
+    got = b""
+    with pytest.raises(httpx2.RemoteProtocolError), h.http.stream("POST", "/v1/messages", json={
+            "model": "sonnet", "max_tokens": 5, "stream": True, "messages": []}) as resp:
+        for chunk in resp.iter_raw():
+            got += chunk
+    assert b"event: ping" in got  # what came was passed on; the end never was
+    t.join(5)
+    srv.close()
+    deadline = time.monotonic() + 5
+    while not h.of("provider.request") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert h.of("provider.request")[0]["error"].startswith("upstream failed mid-stream")

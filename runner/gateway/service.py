@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from runner.gateway.record import (
     recordable_headers,
 )
 from runner.gateway.tools import check_tools
-from runner.gateway.upstream import UpstreamClient, UpstreamError
+from runner.gateway.upstream import STREAM_ERRORS, UpstreamClient, UpstreamError, error_kind
 from runner.gateway.usage import UsageMeter
 from runner.policy.models import ProviderPolicy
 
@@ -354,8 +354,8 @@ class ProviderGateway:
                     raw += chunk
                     if len(raw) > LIST_CAP:
                         break
-            except UpstreamError as exc:
-                call.error = f"upstream failed: {exc.kind}"
+            except STREAM_ERRORS as exc:
+                call.error = f"upstream failed: {error_kind(exc)}"
             data = Scrubber(secrets).feed(self._filter_listing(route, raw))
             call.bytes_out = len(data)
             call.ttfb = time.monotonic()
@@ -367,7 +367,7 @@ class ProviderGateway:
                         self._relay(upstream.stream, call, meter, secrets, exchange,
                                     settle), finalise)
 
-    async def _relay(self, chunks: AsyncIterator[bytes], call: _Call, meter: UsageMeter,
+    async def _relay(self, chunks: AsyncIterable[bytes], call: _Call, meter: UsageMeter,
                      secrets: list[str], exchange: Exchange | None,
                      settle: Callable[[], None]) -> AsyncIterator[bytes]:
         """Pass chunks on as they come; meter, scrub and record them on the way.
@@ -388,10 +388,10 @@ class ProviderGateway:
                     if exchange is not None:
                         exchange.add_chunk(out)
                     yield out
-        except UpstreamError as exc:
+        except STREAM_ERRORS as exc:
             # Re-raised: the agent's connection is cut without the final chunk, so a
             # truncated stream cannot pass for a complete one.
-            call.error = f"upstream failed mid-stream: {exc.kind}"
+            call.error = f"upstream failed mid-stream: {error_kind(exc)}"
             raise
         tail = scrub.flush()
         if tail:

@@ -78,23 +78,25 @@ class UsageMeter:
     def feed(self, chunk: bytes) -> None:
         if self._overflow:
             return
-        self._buf += chunk
+        buf = self._buf
+        buf += chunk
         if self.mode == "json":
-            if len(self._buf) > MAX_JSON:
+            if len(buf) > MAX_JSON:
                 self._overflow = True
-                self._buf.clear()
+                buf.clear()
             return
-        start = 0
-        while True:
-            nl = self._buf.find(b"\n", start)
-            if nl == -1:
-                break
-            self._line(bytes(self._buf[start:nl]))
-            start = nl + 1
-        del self._buf[:start]
-        if len(self._buf) > MAX_LINE:
+        end = buf.rfind(b"\n")
+        if end != -1:
+            # Most chunks are content deltas: one search over the complete lines decides
+            # whether any of them is worth splitting out and parsing.
+            markers = _SSE_MARKERS if self.mode == "sse" else _NDJSON_MARKERS
+            if markers.search(buf, 0, end):
+                for line in bytes(buf[:end]).split(b"\n"):
+                    self._line(line)
+            del buf[: end + 1]
+        if len(buf) > MAX_LINE:
             self._overflow = True
-            self._buf.clear()
+            buf.clear()
 
     def finish(self) -> Usage:
         if self._buf and not self._overflow:
