@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -113,6 +115,41 @@ def serve(env: dict[str, str] | None = None) -> Iterator[tuple[dict[str, str], i
             proc.kill()
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def auto_serve(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The default `airlock run`: it starts its own server when none answers. Yields
+    the environment for that (a private socket, auto-start on); the server the first
+    run starts is stopped at the end."""
+    tmp = Path(tempfile.mkdtemp(prefix="airlock-bench-auto-"))
+    sock = tmp / "s" / "serve.sock"
+    env = {**env, "AIRLOCK_SERVE_SOCKET": str(sock), "AIRLOCK_AUTO_SERVE": "1"}
+    env.pop("AIRLOCK_NO_SERVE", None)
+    try:
+        yield env
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(sock.with_suffix(".pid").read_text())
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wait_served(env: dict[str, str], timeout: float = 60) -> None:
+    """Until the server at the environment's socket listens and has a warm spare."""
+    log = Path(env["AIRLOCK_SERVE_SOCKET"]).parent / "serve.log"
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            if "listening" in log.read_text():
+                break
+        if time.monotonic() > deadline:
+            raise SystemExit("the auto-started server did not come up")
+        time.sleep(0.05)
+    time.sleep(0.5)  # the first spare warms its engine connection
 
 
 def ensure_image(name: str = "base") -> str:

@@ -7,7 +7,9 @@ Names are imported on first use so that `airlock` (the CLI) starts quickly.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False  # not typing's: `import runner` is on every CLI start
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["Event", "Policy", "RunHandle", "RunResult", "as_policy", "execute", "load_policy", "start"]

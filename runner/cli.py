@@ -308,12 +308,15 @@ def serve(
     idle_exit: Annotated[float | None, typer.Option(
         "--idle-exit", help="Exit after this many seconds without a run.")] = None,
     stop: Annotated[bool, typer.Option("--stop", help="Stop the running server.")] = False,
+    auto: Annotated[bool, typer.Option("--auto", hidden=True)] = False,
 ) -> None:
     """Keep a warm server for this user so that `airlock run` starts fast.
 
     `airlock run` hands its run to the server when one answers on the socket (only
     this user can reach it) and runs in its own process otherwise. Runs behave the
     same either way: output, exit codes, Ctrl-C, and the client's own environment.
+    `airlock run` starts one by itself when none answers (set AIRLOCK_AUTO_SERVE=0 to
+    stop that); such a server exits after 30 idle minutes.
     """
     from runner.server import daemon
 
@@ -322,7 +325,7 @@ def serve(
         typer.echo("stopped" if stopped else "no server was running", err=True)
         return
     try:
-        code = daemon.serve(socket_path, spares=spares, idle_exit=idle_exit)
+        code = daemon.serve(socket_path, spares=spares, idle_exit=idle_exit, auto=auto)
     except AirlockError as exc:
         _fail(exc)
     raise typer.Exit(code)
@@ -333,19 +336,8 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "run":
-        # A running `airlock serve` takes the run (None: there is none, or it leaves
-        # this run to us); the client is standard library only.
-        from runner.server.client import run_via_server
-
-        code = run_via_server(sys.argv[2:])
-        if code is not None:
-            import os
-
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)  # nothing to finalise: the thin client imported next to nothing
+def cli_main() -> None:
+    """The full CLI (typer), for every command a warm server did not take."""
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
@@ -355,5 +347,11 @@ def main() -> None:
         sys.exit(130)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    from runner.entry import main as entry
+
+    entry(cli_main)
+
+
+if __name__ == "__main__":  # python -m runner.cli: this module is __main__, not runner.cli
     main()

@@ -20,6 +20,10 @@ import pytest
 
 from runner.testing.listener import HostListener
 
+# The suite's CLI runs go in-process unless a test starts a server itself: no test
+# leaves an auto-started `airlock serve` behind (tests/test_serve.py covers that path).
+os.environ["AIRLOCK_AUTO_SERVE"] = "0"
+
 ROOT = Path(__file__).resolve().parent.parent
 PROBES = Path(__file__).resolve().parent / "probes"
 AIRLOCK = [sys.executable, "-m", "runner.cli"]

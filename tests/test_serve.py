@@ -8,6 +8,7 @@ took, so a test can tell a served run from one the client ran itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -328,10 +329,114 @@ def test_the_server_will_not_start_in_a_shared_directory(tmp_path: Path):
 
 
 def test_thin_client_imports_no_heavy_modules():
-    """With a server, `airlock run` must not import typer, pydantic or the docker SDK."""
-    code = ("import sys, runner.cli, runner.server.client; "
-            "heavy = [m for m in ('typer', 'pydantic', 'docker', 'requests', 'yaml') "
-            "if m in sys.modules]; print(heavy)")
+    """The `airlock` entry point and the thin client import neither typer, pydantic or
+    the docker SDK nor even pathlib or typing: each is milliseconds on every run."""
+    code = ("import sys; before = set(sys.modules); import runner.entry, "
+            "runner.server.client; new = set(sys.modules) - before; heavy = [m for m in "
+            "('typer', 'pydantic', 'docker', 'requests', 'yaml', 'pathlib', 'typing', "
+            "'runner.cli') if m in new]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- started by `airlock run` itself --------------------------------------------------
+
+
+def _auto_env(tmp_path: Path) -> dict[str, str]:
+    base = Path(tempfile.mkdtemp(prefix="airlock-auto-"))
+    env = {**os.environ, "AIRLOCK_SERVE_SOCKET": str(base / "s" / "serve.sock"),
+           "AIRLOCK_RUNS_DIR": str(tmp_path / "runs"), "SECRET_OF_THE_CLIENT": "sk-zzz"}
+    env.pop("AIRLOCK_AUTO_SERVE", None)
+    env.pop("AIRLOCK_NO_SERVE", None)
+    return env
+
+
+def _server_pid(sock: Path) -> int | None:
+    try:
+        return int(sock.with_suffix(".pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _end(pid: int | None, sock: Path) -> None:
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 60)
+    shutil.rmtree(sock.parent.parent, ignore_errors=True)
+
+
+def test_the_first_run_starts_a_server_for_the_next(engine, tmp_path: Path):
+    env = _auto_env(tmp_path)
+    sock = Path(env["AIRLOCK_SERVE_SOCKET"])
+    pid = None
+    try:
+        # The first run goes in-process and must not wait for the server it starts:
+        # captured output ends when the run does (the server holds none of our pipes).
+        t0 = time.monotonic()
+        first = subprocess.run([*AIRLOCK, "run", "-q", "--", "echo", "one"],
+                               capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+        assert first.returncode == 0 and first.stdout == "one\n", first.stderr
+        assert time.monotonic() - t0 < 60
+        assert wait_for(lambda: "listening" in _read(sock.parent / "serve.log"), 60)
+        pid = _server_pid(sock)
+        assert pid is not None
+        # Detached: its own session, `/` as its directory, none of the client's secrets.
+        assert os.getsid(pid) == pid and os.readlink(f"/proc/{pid}/cwd") == "/"
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"SECRET_OF_THE_CLIENT" not in environ and b"sk-zzz" not in environ
+        log = sock.parent / "serve.log"
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600
+        second = subprocess.Popen([*AIRLOCK, "run", "-q", "--", "echo", "two"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env, cwd=ROOT)
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 0 and out == "two\n", err
+        assert f"run for client pid {second.pid}:" in log.read_text()
+    finally:
+        _end(pid, sock)
+
+
+def test_a_server_whose_code_changed_hands_runs_back_and_drains(engine, tmp_path: Path):
+    env = _auto_env(tmp_path)
+    sock = Path(env["AIRLOCK_SERVE_SOCKET"])
+    first = subprocess.run([*AIRLOCK, "run", "-q", "--", "true"], capture_output=True,
+                           text=True, env=env, cwd=ROOT, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert wait_for(lambda: "listening" in _read(sock.parent / "serve.log"), 60)
+    pid = _server_pid(sock)
+    module = ROOT / "runner" / "server" / "protocol.py"
+    before = module.stat()
+    try:
+        os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+        run = subprocess.run([*AIRLOCK, "run", "-q", "--", "echo", "still"],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+        assert run.returncode == 0 and run.stdout == "still\n", run.stderr
+        log = sock.parent / "serve.log"
+        assert wait_for(lambda: "drained; exiting" in _read(log), 60), _read(log)
+        assert "code on disk changed" in _read(log)
+        assert wait_for(lambda: pid is not None and not Path(f"/proc/{pid}").exists(), 30)
+    finally:
+        os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
+        _end(pid, sock)
+
+
+def test_auto_serve_can_be_turned_off(engine, tmp_path: Path):
+    env = {**_auto_env(tmp_path), "AIRLOCK_AUTO_SERVE": "0"}
+    sock = Path(env["AIRLOCK_SERVE_SOCKET"])
+    try:
+        run = subprocess.run([*AIRLOCK, "run", "-q", "--", "true"], capture_output=True,
+                             text=True, env=env, cwd=ROOT, timeout=120)
+        assert run.returncode == 0, run.stderr
+        time.sleep(2)
+        assert not sock.parent.exists()
+    finally:
+        shutil.rmtree(sock.parent.parent, ignore_errors=True)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

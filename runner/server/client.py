@@ -20,11 +20,13 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
-from typing import Any
 
 from runner.server import paths
 from runner.server import protocol as p
+
+TYPE_CHECKING = False  # typing itself is not imported: this module is on every run's path
+if TYPE_CHECKING:
+    from typing import Any
 
 # Non-secret variables that decide where and how a run happens; sent with the hello.
 BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
@@ -49,7 +51,7 @@ def prog_name() -> str:
     return f"python -m {module.lstrip('.')}"
 
 
-def connect(path: Path) -> socket.socket | None:
+def connect(path: str) -> socket.socket | None:
     """A connection to a server of our own uid at `path`, or None."""
     try:
         paths.check_socket(path)
@@ -66,12 +68,57 @@ def connect(path: Path) -> socket.socket | None:
     return sock
 
 
+def _nobody_listens(path: str) -> bool:
+    """No socket there, or one left by a server that is gone (not: someone else's)."""
+    try:
+        paths.check_dir(os.path.dirname(path))
+    except paths.InsecurePath:
+        return not os.path.lexists(os.path.dirname(path))
+    if not os.path.lexists(path):
+        return True
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False
+
+
+def start_server(path: str) -> None:
+    """Start `airlock serve --auto` for this user, detached, and do not wait for it.
+
+    It gets only the non-secret variables a run would send anyway (no keys: the server
+    never uses its own environment for a run), no descriptors of ours (a caller
+    capturing our output must not wait for the server), its own session, and `/` as
+    its directory. It logs beside its socket and ends after 30 idle minutes.
+    """
+    import subprocess
+
+    env = base_env()
+    env[paths.SOCKET_ENV] = path
+    with contextlib.suppress(OSError):  # no server this time: runs go in-process
+        subprocess.Popen([sys.executable, "-m", "runner.cli", "serve", "--auto"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, cwd="/", env=env,
+                         start_new_session=True, close_fds=True)
+
+
 def run_via_server(args: list[str]) -> int | None:
-    """`airlock run ARGS` through a server: its exit code, or None to run in-process."""
+    """`airlock run ARGS` through a server: its exit code, or None to run in-process.
+
+    With no server listening, one is started for the runs that follow (unless
+    AIRLOCK_AUTO_SERVE=0) and this run goes in-process."""
     if os.environ.get(paths.NO_SERVE_ENV):
         return None
-    sock = connect(paths.default_socket())
+    path = paths.default_socket()
+    sock = connect(path)
     if sock is None:
+        if os.environ.get(paths.AUTO_SERVE_ENV, "1") != "0" and _nobody_listens(path):
+            start_server(path)
         return None
     with sock:
         try:

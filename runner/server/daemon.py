@@ -23,6 +23,12 @@ in for the per-process reaper: after a worker that was interrupted, failed to cl
 up or died, it runs `gc` in a forked child. Each run's objects are owned by its
 worker's pid, so gc can tell live runs from dead ones as usual.
 
+`airlock run` starts a server by itself when none answers (`--auto`: it logs to
+`serve.log` beside its socket and exits after 30 idle minutes); that run goes
+in-process, the next ones through the server. A server whose code changed on disk
+(an upgrade, an edit) hands each client back to its own process and drains: no run
+ever executes code older than what is installed.
+
 Security: the socket is 0600 in a 0700 directory of the server's user (see
 `paths`), the server answers only peers of its own uid (SO_PEERCRED), and it
 never listens on TCP.
@@ -52,7 +58,9 @@ GC_EVERY = 900.0  # seconds between background gc passes
 SHUTDOWN_GRACE = 30.0
 REFILL_DELAY = 0.5  # seconds after a spare is taken before its replacement is forked
 SPARE_READY, SPARE_TAKEN = 0, 1  # what a spare tells the server, with its pid
-EXIT_CLEAN, EXIT_GC = 0, 3  # a worker's status: 3 asks the server to run gc
+EXIT_CLEAN, EXIT_GC, EXIT_STALE = 0, 3, 4  # a worker's status: 3 asks for gc, 4 found
+# the code on disk changed
+AUTO_IDLE_EXIT = 1800.0  # a server that `airlock run` started ends after this idle time
 
 
 def _log(msg: str) -> None:
@@ -61,15 +69,35 @@ def _log(msg: str) -> None:
         sys.stderr.flush()
 
 
+def code_fingerprint() -> tuple[tuple[str, int, int], ...]:
+    """The installed Airlock code as it is on disk now: each module's path, mtime and
+    size (a few hundred microseconds; an upgrade or an edit changes it)."""
+    import runner
+
+    out = []
+    for root in runner.__path__:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            for name in sorted(filenames):
+                if name.endswith(".py"):
+                    path = os.path.join(dirpath, name)
+                    with contextlib.suppress(OSError):
+                        st = os.stat(path)
+                        out.append((path, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
 # -- what the worker does -------------------------------------------------------------
 
 
 class Worker:
     """One connection, one run, in a process forked from the warm server."""
 
-    def __init__(self, conn: socket.socket, command: Any) -> None:
+    def __init__(self, conn: socket.socket, command: Any,
+                 fingerprint: tuple[tuple[str, int, int], ...] | None = None) -> None:
         self.conn = conn
         self.command = command  # the click command of the whole CLI
+        self.fingerprint = fingerprint  # of the code this server loaded
         self.reader = p.Reader(conn)
         self.interrupted = threading.Event()
         self.done = threading.Event()
@@ -90,6 +118,10 @@ class Worker:
             if hello.get("v") != p.VERSION or len(fds) != 3:
                 p.send(conn, p.FALLBACK, {"reason": "protocol version"})
                 return EXIT_CLEAN
+            if self.fingerprint is not None and code_fingerprint() != self.fingerprint:
+                _log("the code on disk changed; this run goes in-process; draining")
+                p.send(conn, p.FALLBACK, {"reason": "code changed"})
+                return EXIT_STALE
             args = [str(a) for a in hello.get("argv") or []]
             prog = str(hello.get("prog") or "airlock")
             try:
@@ -288,8 +320,13 @@ def preload() -> Any:
 
 
 class Server:
-    def __init__(self, path: Path, *, spares: int = 1, idle_exit: float | None = None) -> None:
+    def __init__(self, path: Path, *, spares: int = 1, idle_exit: float | None = None,
+                 auto: bool = False) -> None:
         self.path = path
+        self.auto = auto
+        self.draining = False
+        self.fingerprint: tuple[tuple[str, int, int], ...] = ()
+        self._path_ino = 0
         self.pid_path = path.with_suffix(".pid")
         self.spares = max(1, spares)
         self.idle_exit = idle_exit
@@ -328,13 +365,22 @@ class Server:
             os.umask(old)
         os.chmod(self.path, 0o600)
         paths.check_socket(self.path)
+        self._path_ino = os.lstat(self.path).st_ino
         sock.listen(128)
         return sock
 
     def serve(self) -> int:
-        self.listener = self._bind()
+        try:
+            self.listener = self._bind()
+        except AirlockError:
+            if self.auto:  # another client started one first: nothing to do
+                return 0
+            raise
+        if self.auto:
+            _log_to(self.path.parent / "serve.log")
         self.pid_path.write_text(f"{os.getpid()}\n")
         try:
+            self.fingerprint = code_fingerprint()
             self.command = preload()
             if threading.active_count() != 1:
                 _log("warning: threads were started while preloading; forking may be unsafe")
@@ -345,12 +391,17 @@ class Server:
             self._close()
 
     def _close(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-        for path in (self.path, self.pid_path):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        if self.listener is None:
+            return
+        # Only what is still ours: after a drain a new server may own these names.
+        with contextlib.suppress(OSError):
+            if os.lstat(self.path).st_ino == self._path_ino:
+                self.path.unlink()
+        with contextlib.suppress(OSError, ValueError):
+            if int(self.pid_path.read_text().strip()) == os.getpid():
+                self.pid_path.unlink()
+        self.listener.close()
+        self.listener = None
 
     # the loop ------------------------------------------------------------------------
 
@@ -382,10 +433,11 @@ class Server:
                 now = time.monotonic()
                 # A taken spare is replaced a little later, not while its run starts on
                 # a machine that may have two cores; at once when a client is waiting.
-                while len(self.idle) < self.spares and now >= refill_at:
+                while (not self.draining and len(self.idle) < self.spares
+                       and now >= refill_at):
                     self._spawn_spare(notify_w, closing, prewarm=True)
                 watch = [notify_r, wake_r]
-                if not ready_spares & self.idle:
+                if not self.draining and not ready_spares & self.idle:
                     watch.append(listener.fileno())  # to notice clients left waiting
                 timeout = 5.0 if len(self.idle) >= self.spares else max(0.0, refill_at - now)
                 try:
@@ -403,8 +455,8 @@ class Server:
                         self.busy.add(pid)
                         self.last_active = time.monotonic()
                         refill_at = self.last_active + REFILL_DELAY
-                if listener.fileno() in ready and not ready_spares & self.idle \
-                        and _pending(listener):
+                if listener.fileno() in ready and not self.draining \
+                        and not ready_spares & self.idle and _pending(listener):
                     # Clients are queued and no spare is ready: one that takes a client
                     # without warming up first.
                     self._spawn_spare(notify_w, closing, prewarm=False)
@@ -420,6 +472,12 @@ class Server:
                 if (self.idle_exit is not None and not self.busy
                         and now - self.last_active > self.idle_exit):
                     _log("idle; exiting")
+                    break
+                if not self.draining and code_fingerprint() != self.fingerprint:
+                    _log("the code on disk changed; draining")
+                    self._drain()
+                if self.draining and not self.busy:
+                    _log("drained; exiting")
                     break
         finally:
             self._shutdown()
@@ -438,7 +496,8 @@ class Server:
                 signal.set_wakeup_fd(-1)
                 for fd in closing:
                     os.close(fd)
-                code = _spare(self.listener, notify_w, self.command, prewarm)
+                code = _spare(self.listener, notify_w, self.command, prewarm,
+                              self.fingerprint)
             except BaseException:  # a worker must never return into the server
                 with contextlib.suppress(Exception):
                     import traceback
@@ -490,12 +549,25 @@ class Server:
                 self.busy.discard(pid)
                 self.last_active = time.monotonic()
                 self.spare_failures = 0
-                if code != EXIT_CLEAN:
+                if code == EXIT_STALE:
+                    self._drain()
+                elif code != EXIT_CLEAN:
                     want_gc = True
                     if code != EXIT_GC:
                         _log(f"worker {pid} ended abnormally (status {code}); collecting")
         if want_gc and not self.stopping:
             self._spawn_gc()
+
+    def _drain(self) -> None:
+        """Take no more runs (the socket goes, so the next client starts a new server
+        or runs in-process); let the ones under way finish."""
+        if self.draining:
+            return
+        self.draining = True
+        self._close()
+        for pid in self.idle:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def _shutdown(self) -> None:
         """Stop taking runs; interrupt the ones under way and wait for them to end."""
@@ -521,7 +593,8 @@ def _pending(listener: socket.socket) -> bool:
     return bool(ready)
 
 
-def _spare(listener: socket.socket, notify_w: int, command: Any, prewarm: bool) -> int:
+def _spare(listener: socket.socket, notify_w: int, command: Any, prewarm: bool,
+           fingerprint: tuple[tuple[str, int, int], ...] | None = None) -> int:
     """A pre-forked worker: wait for one connection, take it, run it, exit."""
     signal.set_wakeup_fd(-1)
     os.setsid()  # the server's terminal's Ctrl-C is not the client's
@@ -553,7 +626,7 @@ def _spare(listener: socket.socket, notify_w: int, command: Any, prewarm: bool) 
 
     launch.GC_BEFORE_RUN = False  # the server collects, not each run
     with conn:
-        return Worker(conn, command).handle()
+        return Worker(conn, command, fingerprint).handle()
 
 
 def _prewarm(command: Any) -> None:
@@ -588,13 +661,24 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def serve(path: Path | None = None, *, spares: int = 1, idle_exit: float | None = None) -> int:
-    return Server(path or paths.default_socket(), spares=spares, idle_exit=idle_exit).serve()
+def serve(path: Path | None = None, *, spares: int = 1, idle_exit: float | None = None,
+          auto: bool = False) -> int:
+    if auto and idle_exit is None:
+        idle_exit = AUTO_IDLE_EXIT
+    return Server(Path(path or paths.default_socket()), spares=spares, idle_exit=idle_exit,
+                  auto=auto).serve()
+
+
+def _log_to(path: Path) -> None:
+    """Send this process's log (stderr) to `path`, 0600, appended."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def stop(path: Path | None = None, timeout: float = SHUTDOWN_GRACE + 5) -> bool:
     """Ask the server at `path` to stop; True once it has (False: none was running)."""
-    path = path or paths.default_socket()
+    path = Path(path or paths.default_socket())
     pid_path = path.with_suffix(".pid")
     try:
         paths.check_dir(path.parent)

@@ -22,7 +22,10 @@ import array
 import json
 import socket
 import struct
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 VERSION = 1
 HELLO, NEED, ENV, START, INTERRUPT, EXIT, FALLBACK = (b"H", b"N", b"E", b"S", b"I", b"X", b"F")
