@@ -80,7 +80,7 @@ ATTACKS: list[Attack] = [
     _a("fs.exec-tmpfs", "copy a binary to every tmpfs and execute it", "EACCES (noexec)"),
     _a("fs.shim-write", "modify or add files under /opt/airlock (the shim)", "EROFS / EACCES"),
     _a("fs.sockets-dir", "create files, links or symlinks in /run/airlock (the sockets "
-       "directory); open shim.json for writing", "EROFS (read-only bind)"),
+       "directory); open shim.cfg for writing", "EROFS (read-only bind)"),
     _a("fs.workspace-symlink", "plant symlinks to host paths in a copy-mode workspace "
        "(a new link, a file replaced by a link) and write through them",
        "the host's workspace and files untouched; the patch carries links, not content",
@@ -126,7 +126,7 @@ ATTACKS: list[Attack] = [
     _a("sec.key-reflection", "get the real key back through the gateway from an upstream "
        "that echoes request headers", "the gateway scrubs it from the answer"),
     _a("sec.host-env", "find a variable of the host's environment", "absent"),
-    _a("sec.neighbour-files", "see or connect to a concurrent run's sockets and shim.json",
+    _a("sec.neighbour-files", "see or connect to a concurrent run's sockets and shim.cfg",
        "ENOENT; nothing of the other run anywhere"),
     _a("sec.neighbour-procs", "see a concurrent run's processes", "only its own processes"),
     # -- the log ------------------------------------------------------------------------

@@ -699,7 +699,7 @@ def fs_sockets_dir(cfg: dict) -> Result:
         out["symlink"] = "created"
     except OSError as exc:
         out["symlink"] = ename(exc.errno)
-    for name in ("shim.json", "control.sock"):
+    for name in ("shim.cfg", "control.sock"):
         if os.path.lexists(f"{d}/{name}"):
             if name.endswith(".sock"):
                 # Replacing a socket would be the attack; a hardlink next to it shows
@@ -753,7 +753,7 @@ def fs_workspace_hardlink(cfg: dict) -> Result:
             fh.write("x")
     except OSError:
         pass
-    for src in ("/etc/passwd", "/opt/airlock/airlock_sandbox/shim.py", "/run/airlock/shim.json",
+    for src in ("/etc/passwd", "/opt/airlock/airlock_sandbox/shim.py", "/run/airlock/shim.cfg",
                 scratch):
         name = f"{ws}/hl-{os.path.basename(src)}"
         try:
@@ -1221,7 +1221,7 @@ def sec_neighbour_files(cfg: dict) -> Result:
         return res(None, "no neighbour run")
     out = {}
     d = nb["run_dir"]
-    for p in (d, f"{d}/shim.json", f"{d}/control.sock"):
+    for p in (d, f"{d}/shim.cfg", f"{d}/control.sock"):
         out[p] = "visible" if os.path.lexists(p) else "ENOENT"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(2)
@@ -1232,8 +1232,8 @@ def sec_neighbour_files(cfg: dict) -> Result:
         out["connect control.sock"] = ename(exc.errno)
     finally:
         s.close()
-    # Its run id anywhere we can look: our sockets directory, the mounts, any shim.json.
-    # Our own shim.json names it too (this probe's arguments): a file counts only when
+    # Its run id anywhere we can look: our sockets directory, the mounts, any shim.cfg.
+    # Our own shim.cfg names it too (this probe's arguments): a file counts only when
     # it names the neighbour and not us.
     own = os.environ.get("AIRLOCK_RUN_ID", "?").encode()
     hits = []
@@ -1241,7 +1241,7 @@ def sec_neighbour_files(cfg: dict) -> Result:
         base = os.path.basename(path)
         if nb["run_id"] in path:
             hits.append(path)
-        elif base == "shim.json" and stat.S_ISREG(st.st_mode):
+        elif base == "shim.cfg" and stat.S_ISREG(st.st_mode):
             try:
                 with open(path, "rb") as fh:
                     data = fh.read(1 << 20)

@@ -26,7 +26,7 @@ class SandboxInputs:
     image: str
     run_id: str
     owner: str
-    run_dir: Path | None = None  # bound read-only at /run/airlock (sockets, shim.json)
+    run_dir: Path | None = None  # bound read-only at /run/airlock (sockets, shim.cfg)
     etc_dir: Path | None = None  # holds the sandbox's own resolv.conf and hosts
     workspace: Path | None = None  # the directory to bind at /workspace
     workspace_writable: bool = False

@@ -8,6 +8,7 @@ the run; `airlock gc` removes what a killed host process could not.
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import secrets
 import shutil
@@ -208,7 +209,9 @@ class Run:
                 "selftest": self._selftest_config(bridges) if p.readiness.selftest else None,
                 "files": agent.files(ctx),
             }
-            (run_dir / "shim.json").write_text(json.dumps(shim_cfg))
+            # marshal: the shim reads it without importing json (see runner/sandbox/shim.py);
+            # the JSON round trip leaves only the plain types marshal format 4 carries.
+            (run_dir / "shim.cfg").write_bytes(marshal.dumps(json.loads(json.dumps(shim_cfg)), 4))
             spec = container_spec(p, SandboxInputs(
                 image=image, run_id=self.run_id, owner=owner_label(), run_dir=run_dir,
                 etc_dir=etc, workspace=prepared.host_path,

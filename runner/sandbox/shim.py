@@ -1,8 +1,15 @@
 """The in-sandbox shim: bridges, dead-man switch, self-test, then the agent.
 
-Runs inside the container as the sandbox user, under the engine's init, with only the
-standard library (the image has no other Python packages for it). Configuration is the
-JSON file the host writes into the read-only run directory, `/run/airlock/shim.json`:
+Runs inside the container as the sandbox user and as its PID 1, with only the standard
+library (the image has no other Python packages for it), and with as little of it as
+will do: under gVisor every module imported costs milliseconds (each syscall and each
+first touch of a page traps), and all of it lies between `docker start` and the
+agent's first instruction. So no json (and with it re), subprocess or contextlib: the
+configuration is a marshal file, the messages to the host are JSON written by
+`to_json` below, and the agent is started with posix_spawn.
+
+Configuration: the file the host writes into the read-only run directory,
+`/run/airlock/shim.cfg` (marshal, format 4, of plain dicts, lists and strings):
 
     {"run_id": "...", "argv": ["cmd", ...], "env": {...}, "cwd": "/workspace",
      "bridges": [{"name": "provider", "port": 41001, "socket": "/run/airlock/provider.sock"}],
@@ -19,18 +26,19 @@ shim exits: the sandbox does not outlive its host.
 
 from __future__ import annotations
 
-import contextlib
-import json
+import marshal
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 
-CONFIG_PATH = "/run/airlock/shim.json"
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+CONFIG_PATH = "/run/airlock/shim.cfg"
 DEADMAN_EXIT = 125
 _BUF = 65536
 
@@ -57,8 +65,10 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
     except OSError:
         pass
     finally:
-        with contextlib.suppress(OSError):
+        try:
             dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
 
 def _serve_bridge(listener: socket.socket, path: str) -> None:
@@ -114,6 +124,74 @@ def write_files(files: dict[str, str]) -> None:
             fh.write(content)
 
 
+# JSON as json.dumps writes it with ensure_ascii: quotes, backslashes and control
+# characters escaped, everything outside ASCII as \\u escapes (surrogate pairs above
+# the BMP), so a line is always ASCII and never split by a newline in a value.
+_ESCAPES = {i: f"\\u{i:04x}" for i in (*range(0x20), 0x7F)}
+_ESCAPES.update({0x22: '\\"', 0x5C: "\\\\", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t",
+                 0x08: "\\b", 0x0C: "\\f"})
+
+
+def _json_str(s: str) -> str:
+    s = s.translate(_ESCAPES)
+    if not s.isascii():
+        out = []
+        for ch in s:
+            o = ord(ch)
+            if o < 0x80:
+                out.append(ch)
+            elif o < 0x10000:
+                out.append(f"\\u{o:04x}")
+            else:
+                o -= 0x10000
+                out.append(f"\\u{0xD800 | (o >> 10):04x}\\u{0xDC00 | (o & 0x3FF):04x}")
+        s = "".join(out)
+    return '"' + s + '"'
+
+
+def to_json(obj: object) -> str:
+    """Dicts, lists, tuples, strings, numbers, booleans and None as compact JSON."""
+    if obj is None:
+        return "null"
+    if obj is True:
+        return "true"
+    if obj is False:
+        return "false"
+    if isinstance(obj, int):
+        return str(int(obj))
+    if isinstance(obj, float):
+        return repr(obj) if obj == obj and obj not in (float("inf"), float("-inf")) else "null"
+    if isinstance(obj, str):
+        return _json_str(obj)
+    if isinstance(obj, dict):
+        return "{" + ",".join(_json_str(str(k)) + ":" + to_json(v) for k, v in obj.items()) + "}"
+    if isinstance(obj, list | tuple):
+        return "[" + ",".join(to_json(v) for v in obj) + "]"
+    return _json_str(str(obj))
+
+
+def find_executable(name: str, env: dict[str, str]) -> str:
+    """`name` resolved against the agent's own PATH, as execvpe would."""
+    if "/" in name:
+        return name
+    for d in (env.get("PATH") or os.defpath).split(os.pathsep):
+        path = os.path.join(d or ".", name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    raise FileNotFoundError(2, "No such file or directory", name)
+
+
+def spawn_agent(argv: list[str], env: dict[str, str], cwd: str, close: list[int]) -> int:
+    """Start the agent in its own session with exactly `env`, in `cwd`, without any of
+    the shim's descriptors but 0-2, and with default SIGPIPE and SIGXFSZ (Python
+    ignores SIGPIPE, and an ignored signal would stay ignored across exec)."""
+    os.chdir(cwd)  # posix_spawn has no chdir; the shim needs no directory of its own
+    return os.posix_spawn(
+        find_executable(argv[0], env), argv, env, setsid=True,
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        file_actions=[(os.POSIX_SPAWN_CLOSE, fd) for fd in close])
+
+
 class Control:
     """The line-delimited JSON channel to the host; its loss is the dead-man signal."""
 
@@ -126,11 +204,14 @@ class Control:
             self.sock = s
 
     def send(self, **msg: object) -> None:
-        line = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
         if self.sock is None:
             return
-        with self._lock, contextlib.suppress(OSError):
-            self.sock.sendall(line)
+        line = (to_json(msg) + "\n").encode("ascii")
+        with self._lock:
+            try:
+                self.sock.sendall(line)
+            except OSError:
+                pass
 
     def watch(self, on_lost: Callable[[], None]) -> None:
         sock = self.sock
@@ -150,9 +231,9 @@ class Control:
 
 def main(argv: list[str]) -> int:
     _protect_self()
-    with open(argv[1] if len(argv) > 1 else CONFIG_PATH, encoding="utf-8") as fh:
-        cfg = json.load(fh)
-    start_bridges(cfg.get("bridges") or [])
+    with open(argv[1] if len(argv) > 1 else CONFIG_PATH, "rb") as fh:
+        cfg = marshal.load(fh)
+    listeners = start_bridges(cfg.get("bridges") or [])
     control = Control(cfg.get("control"))
     control.send(type="shim.ready", ts=time.time(), pid=os.getpid())
 
@@ -178,18 +259,22 @@ def main(argv: list[str]) -> int:
         return 126
 
     env = {str(k): str(v) for k, v in (cfg.get("env") or {}).items()}
+    own_fds = [s.fileno() for s in listeners]
+    if control.sock is not None:
+        own_fds.append(control.sock.fileno())
     try:
-        child = subprocess.Popen(cfg["argv"], env=env, cwd=cfg.get("cwd") or "/",
-                                 start_new_session=True, close_fds=True)
+        pid = spawn_agent([str(a) for a in cfg["argv"]], env, cfg.get("cwd") or "/", own_fds)
     except OSError as exc:
         sys.stderr.write(f"airlock: cannot start {cfg['argv'][0]!r}: {exc.strerror}\n")
         control.send(type="agent.exit", code=127, error=str(exc))
         return 127
-    control.send(type="agent.started", ts=time.time(), pid=child.pid)
+    control.send(type="agent.started", ts=time.time(), pid=pid)
 
     def kill_group(sig: int = signal.SIGKILL) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.pid, sig)
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def on_lost() -> None:
         kill_group()
@@ -204,7 +289,7 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
 
-    code = wait_agent(child.pid)
+    code = wait_agent(pid)
     # Anything the agent left running in its group goes with it.
     kill_group()
     code = 128 - code if code < 0 else code
