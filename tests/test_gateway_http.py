@@ -228,3 +228,34 @@ def test_a_head_that_never_ends_is_cut_off(tmp_path: Path):
     raw = b"GET /x HTTP/1.1\r\nhost: x\r\nx-endless: " + b"a" * 200_000
     got = _exchange(tmp_path / "s.sock", raw)
     assert got.startswith(b"HTTP/1.1 431 ")
+
+
+def test_upstream_stream_read_times_out_and_then_reads_on():
+    import httpcore
+
+    from runner.gateway.asyncio_backend import AsyncioStream
+    from runner.gateway.stream_protocol import StreamProtocol
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        loop = asyncio.get_running_loop()
+        transport, proto = await loop.create_connection(StreamProtocol, sock=a)
+        stream = AsyncioStream(transport, proto)
+        t0 = time.monotonic()
+        try:
+            await stream.read(1024, timeout=0.2)
+        except httpcore.ReadTimeout:
+            pass
+        else:
+            raise AssertionError("no timeout")
+        assert 0.15 < time.monotonic() - t0 < 2
+        await stream.write(b"ping", timeout=1)  # held until the next read
+        b.sendall(b"pong")
+        assert await stream.read(1024, timeout=1) == b"pong"
+        assert b.recv(16) == b"ping"  # the held write left before the read waited
+        await asyncio.sleep(0.3)  # no timer left armed to fire on a finished read
+        b.close()
+        assert await stream.read(1024, timeout=1) == b""  # the peer's end
+        await stream.aclose()
+
+    asyncio.run(main())

@@ -37,12 +37,10 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         self._write_timeout: float | None = None
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        await self._flush()
-        if self._protocol.buffer:  # already here: no timer to arm
-            return await self._protocol.read(max_bytes)
+        if self._pending:
+            await self._flush()
         try:
-            async with asyncio.timeout(timeout):
-                return await self._protocol.read(max_bytes)
+            return await self._protocol.read(max_bytes, timeout)
         except TimeoutError as exc:
             raise httpcore.ReadTimeout(str(exc) or "read timed out") from exc
         except OSError as exc:

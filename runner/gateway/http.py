@@ -345,10 +345,17 @@ class _Connection:
                 if response.body and not no_body:
                     await self._send(response.body)
             else:
+                proto = self.proto
                 async for chunk in response.body:
-                    if chunk and not no_body:
-                        await self._send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked
-                                         else chunk)
+                    if not chunk or no_body:
+                        continue
+                    # _send, inlined: this runs once per chunk of every stream.
+                    if proto.closed:
+                        raise ConnectionResetError("Connection lost")
+                    self._queue(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    if self._out_size + proto.write_buffer_size() >= FLUSH_NOW:
+                        self.flush()
+                        await proto.drain()
                 if chunked and not no_body:
                     await self._send(b"0\r\n\r\n")
             self.flush()  # the response is complete: out now, before the finaliser runs

@@ -77,19 +77,25 @@ class StreamProtocol(asyncio.Protocol):
         """Nothing more will come: the peer ended its side or the connection is gone."""
         return self.eof or self.closed
 
-    async def read(self, max_bytes: int) -> bytes:
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         """Up to `max_bytes` once any are there; b"" at the peer's end of stream, or the
-        error the connection was lost with."""
+        error the connection was lost with; TimeoutError after `timeout` seconds of
+        waiting. (A bare timer rather than asyncio.timeout: this waits once per chunk.)"""
         while not self.buffer:
             if self.at_end:
                 if self.lost is not None:
                     raise self.lost
                 return b""
-            self._reader = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            reader = self._reader = loop.create_future()
+            timer = None if timeout is None else loop.call_later(
+                timeout, _expire, reader)
             try:
-                await self._reader
+                await reader
             finally:
                 self._reader = None
+                if timer is not None:
+                    timer.cancel()
         if len(self.buffer) <= max_bytes:
             data = bytes(self.buffer)
             self.buffer.clear()
@@ -119,3 +125,8 @@ class StreamProtocol(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+def _expire(reader: asyncio.Future[None]) -> None:
+    if not reader.done():
+        reader.set_exception(TimeoutError("read timed out"))
