@@ -84,6 +84,16 @@ def test_policy_check_reports_each_problem_with_file_and_line(airlock, tmp_path)
     assert "Traceback" not in r.stdout + r.stderr
 
 
+def test_policy_check_takes_a_preset_name_unless_a_file_has_it(tmp_path, monkeypatch):
+    from runner.policy.loader import check_files
+
+    monkeypatch.chdir(tmp_path)
+    assert check_files(["strict", "default", "ci"]) == []
+    (tmp_path / "strict").write_text("resources:\n  pids: many\n")  # a file wins
+    assert check_files(["strict"])[0].startswith("strict:2: resources.pids")
+    assert "no preset or file named './nosuch'" in check_files(["nosuch"])[0]
+
+
 def test_errors_point_into_the_file_that_caused_them(tmp_path):
     write_policy(tmp_path, "resources:\n  cpus: 1.0\n  pids: 3\n", "parent.yaml")
     child = write_policy(tmp_path, "extends: parent.yaml\nnetwork: {mode: none}\n", "child.yaml")

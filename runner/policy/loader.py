@@ -264,8 +264,13 @@ def check_files(paths: list[str]) -> list[str]:
     """Every problem in every file, for `airlock policy check`."""
     problems: list[str] = []
     for p in paths:
+        ref = p
+        if "/" not in p and not p.endswith((".yaml", ".yml")):
+            # A bare name is a file in this directory if there is one, else a preset
+            # (`airlock policy check strict`).
+            ref = f"./{p}" if Path(p).exists() or _resolve_source(p, None) is None else p
         try:
-            load_policy(p if ("/" in p or p.endswith((".yaml", ".yml"))) else f"./{p}")
+            load_policy(ref)
         except PolicyError as exc:
             problems.extend(exc.problems)
     return problems
