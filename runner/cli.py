@@ -84,7 +84,7 @@ def run(
 
 
 @policy_app.command("check")
-def policy_check(files: Annotated[list[str], typer.Argument(help="Policy files.")]) -> None:
+def policy_check(files: Annotated[list[str], typer.Argument(help="Policy files (or preset names).")]) -> None:
     """Validate policy files; print `file:line: message` for every problem (exit 2)."""
     from runner.policy.loader import check_files
 
