@@ -943,3 +943,38 @@ def test_upstream_cut_mid_stream_cuts_the_agent_too(harnesses: list[Harness], lo
     while not h.of("provider.request") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert h.of("provider.request")[0]["error"].startswith("upstream failed mid-stream")
+
+
+def test_host_ssl_variables_do_not_choose_who_gets_the_key(harnesses: list[Harness],
+                                                           loop: LoopThread, sockdir: Path,
+                                                           test_ca: dict[str, Path],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(test_ca["ca"]))
+    monkeypatch.setenv("SSL_CERT_DIR", str(test_ca["ca"].parent))
+    with _tls_provider(test_ca, [{"text": "must not arrive"}]) as up:
+        h = make(harnesses, loop, sockdir, anthropic_policy(up.url))
+        resp = h.http.post("/v1/messages", json={"model": "sonnet", "max_tokens": 5,
+                                                 "messages": []})
+        assert resp.status_code == 502 and up.requests == []
+
+
+def test_cleartext_before_the_tls_handshake_is_refused(harnesses: list[Harness],
+                                                       loop: LoopThread, sockdir: Path) -> None:
+    import socket
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged")
+        time.sleep(1)
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    h = make(harnesses, loop, sockdir, anthropic_policy(f"https://localhost:{port}"))
+    resp = h.http.post("/v1/messages", json={"model": "sonnet", "max_tokens": 5, "messages": []})
+    assert resp.status_code == 502 and b"forged" not in resp.content
+    t.join(5)
+    srv.close()

@@ -259,3 +259,112 @@ def test_upstream_stream_read_times_out_and_then_reads_on():
         await stream.aclose()
 
     asyncio.run(main())
+
+
+def test_endless_trailers_are_cut_off_and_never_forwarded(tmp_path: Path):
+    seen: list[list[tuple[str, str]]] = []
+
+    async def handler(req: Request) -> Response:
+        seen.append(req.headers)
+        return Response(200, [], b"ok")
+
+    # A trailer line that never ends: llhttp would hold it all, so raw bytes are counted.
+    raw = (b"POST /x HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+           b"0\r\nx-trailer: " + b"a" * 300_000)
+    got = _exchange(tmp_path / "s.sock", raw, handler)
+    assert got.startswith(b"HTTP/1.1 431 ") and seen == []
+    # Ordinary trailers end the request; they are not added to its headers.
+    raw = (b"POST /x HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+           b"3\r\nabc\r\n0\r\nx-api-key: smuggled\r\n\r\n")
+    got = _exchange(tmp_path / "t.sock", raw, handler)
+    assert got.startswith(b"HTTP/1.1 200 ")
+    assert seen and all(k != "x-api-key" for k, _ in seen[0])
+
+
+def test_a_declared_body_over_the_cap_is_refused_before_it_is_sent(tmp_path: Path):
+    raw = (b"POST /x HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+           b"content-length: 999999999\r\n\r\n")
+    got = _exchange(tmp_path / "s.sock", raw)
+    assert got.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in got
+
+
+def test_no_100_continue_overtakes_an_earlier_answer(tmp_path: Path):
+    async def handler(req: Request) -> Response:
+        await asyncio.sleep(0.2)
+        return Response(200, [], req.target.encode())
+
+    raw = (b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n"
+           b"POST /second HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+           b"content-length: 2\r\n\r\nhi")
+    got = _exchange(tmp_path / "s.sock", raw, handler)
+    assert got.index(b"/first") < got.index(b"/second")
+    assert b"100 Continue" not in got[: got.index(b"/first")]
+
+
+def test_a_client_that_half_closes_still_gets_its_answer(tmp_path: Path):
+    async def handler(req: Request) -> Response:
+        await asyncio.sleep(0.2)
+        return Response(200, [], b"late answer")
+
+    async def main() -> bytes:
+        server = HttpServer(handler)
+        await server.start_unix(tmp_path / "s.sock")
+
+        def talk() -> bytes:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(2)
+            s.connect(str(tmp_path / "s.sock"))
+            s.sendall(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+            s.close()
+            return got
+
+        got = await asyncio.to_thread(talk)
+        await server.aclose()
+        return got
+
+    assert asyncio.run(main()).endswith(b"late answer")
+
+
+def test_connections_beyond_the_cap_are_closed(tmp_path: Path):
+    from runner.gateway import http as http_mod
+
+    async def main() -> None:
+        server = HttpServer(lambda req: _answer())  # type: ignore[arg-type, return-value]
+        await server.start_unix(tmp_path / "s.sock")
+        def connect_all() -> list[socket.socket]:  # off the loop, which must accept them
+            out = []
+            for _ in range(http_mod.MAX_CONNECTIONS):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(tmp_path / "s.sock"))
+                out.append(s)
+            return out
+
+        held = await asyncio.to_thread(connect_all)
+        await asyncio.sleep(0.3)
+        extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        extra.settimeout(2)
+        extra.connect(str(tmp_path / "s.sock"))
+        await asyncio.sleep(0.3)
+        try:
+            extra.sendall(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
+            answer = await asyncio.to_thread(extra.recv, 100)
+        except (BrokenPipeError, ConnectionResetError):
+            answer = b""
+        assert answer == b""  # closed, unanswered
+        # ...while the ones within the cap are served
+        held[0].sendall(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert (await asyncio.to_thread(held[0].recv, 100)).startswith(b"HTTP/1.1 200 ")
+        extra.close()
+        for s in held:
+            s.close()
+        await server.aclose()
+
+    asyncio.run(main())
+
+
+async def _answer() -> Response:
+    return Response(200, [], b"ok")

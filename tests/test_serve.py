@@ -440,3 +440,43 @@ def _read(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
+
+
+def test_two_servers_started_at_once_leave_one_owner(engine, tmp_path: Path):
+    env = _auto_env(tmp_path)
+    sock = Path(env["AIRLOCK_SERVE_SOCKET"])
+    procs = [subprocess.Popen([*AIRLOCK, "serve", "--auto"], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(3)]
+    try:
+        assert wait_for(lambda: sum(p.poll() is None for p in procs) == 1
+                        and "listening" in _read(sock.parent / "serve.log"), 60)
+        survivor = next(p for p in procs if p.poll() is None)
+        assert all(p.returncode == 0 for p in procs if p is not survivor)  # quietly
+        assert _server_pid(sock) == survivor.pid
+        run = subprocess.Popen([*AIRLOCK, "run", "-q", "--", "true"], env=env, cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+        assert f"run for client pid {run.pid}:" in _read(sock.parent / "serve.log")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(60)
+        shutil.rmtree(sock.parent.parent, ignore_errors=True)
+
+
+def test_a_client_of_another_installation_is_handed_back(server: Served):
+    from runner.server import client as cl
+    from runner.server import protocol as proto
+
+    sock = cl.connect(str(server.socket))
+    assert sock is not None
+    with sock:
+        proto.send(sock, proto.HELLO, {"v": proto.VERSION, "argv": ["--", "true"],
+                                       "cwd": str(ROOT), "env": {}, "prog": "airlock",
+                                       "runner": "/somewhere/else/runner"}, fds=[0, 1, 2])
+        frame = proto.Reader(sock).frame()
+    assert frame is not None and frame[0] == proto.FALLBACK
+    assert b"another installation" in frame[1]

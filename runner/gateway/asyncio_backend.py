@@ -77,6 +77,11 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
     async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
                         timeout: float | None = None) -> httpcore.AsyncNetworkStream:
         await self._flush()
+        if self._protocol.buffer or self._protocol.at_end:
+            # Bytes that came in the clear before the handshake must never be read as
+            # if they had come over TLS.
+            self._transport.close()
+            raise httpcore.ConnectError("the server sent data before the TLS handshake")
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):

@@ -37,7 +37,9 @@ from runner.gateway.stream_protocol import StreamProtocol
 READ_SIZE = 64 * 1024
 FLUSH_NOW = 64 * 1024  # queued bytes past this are written at once, then drained
 MAX_BODY = 64 * 1024 * 1024  # requests carry whole conversations and images, not more
-MAX_HEAD = 64 * 1024  # request line and headers
+MAX_HEAD = 64 * 1024  # request line and headers (and, apart, a chunked body's trailers)
+MAX_CONNECTIONS = 256  # from one sandbox at once; more are closed as they come
+IDLE_TIMEOUT = 900.0  # seconds a connection may wait between requests (agents think)
 
 # What may be written as a header: a token for the name; for the value, visible
 # characters, spaces and tabs (no CR, LF or NUL: a response cannot be split).
@@ -135,9 +137,13 @@ class HttpServer:
             self._unix_path = None
 
     def _protocol(self) -> StreamProtocol:
-        return StreamProtocol(on_connect=self._on_connect)
+        # half_close: a client that ends its side after the request still gets the answer
+        return StreamProtocol(on_connect=self._on_connect, half_close=True)
 
     def _on_connect(self, proto: StreamProtocol) -> None:
+        if len(self._conns) >= MAX_CONNECTIONS:
+            proto.close()  # each connection costs a descriptor and up to a body's memory
+            return
         task = asyncio.get_running_loop().create_task(self._serve(proto))
         self._conns.add(task)
         task.add_done_callback(self._conns.discard)
@@ -179,6 +185,8 @@ class _Connection:
         self._current: _Parsed | None = None
         self._head_done = False
         self._head_size = 0
+        self._msg_size = 0  # bytes fed while the current request was being read
+        self._responding = False
         self._done: deque[_Parsed] = deque()
         self._error: tuple[int, bytes] | None = None
         self._upgraded = False
@@ -196,6 +204,7 @@ class _Connection:
         self._current = _Parsed()
         self._head_done = False
         self._head_size = 0
+        self._msg_size = 0
 
     def on_url(self, url: bytes) -> None:
         if self._current is not None:
@@ -203,12 +212,17 @@ class _Connection:
             self._head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._current is not None:
-            self._current.headers.append((name.decode("latin-1").lower(),
-                                          value.decode("latin-1")))
-            self._head_size += len(name) + len(value) + 4
-            if self._head_size > MAX_HEAD:
-                self._fail(431, b"request head too large\n")
+        if self._current is None:
+            return
+        self._head_size += len(name) + len(value) + 4
+        if self._head_done:
+            # A trailer (after a chunked body): counted, never kept or forwarded.
+            if self._head_size > 2 * MAX_HEAD:
+                self._fail(431, b"request trailers too large\n")
+            return
+        self._current.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        if self._head_size > MAX_HEAD:
+            self._fail(431, b"request head too large\n")
 
     def on_headers_complete(self) -> None:
         cur = self._current
@@ -217,8 +231,15 @@ class _Connection:
         self._head_done = True
         cur.method = self.parser.get_method().decode("ascii", "replace")
         cur.version = self.parser.get_http_version()
-        if self._error is None and cur.version == "1.1" and any(
+        length = next((v for k, v in cur.headers if k == "content-length"), None)
+        if length is not None and length.strip().isdigit() and \
+                int(length) > self.server.max_body:
+            self._fail(413, b"request body too large\n")  # before the client sends it
+        if self._error is None and cur.version == "1.1" and not self._done and \
+                not self._responding and any(
                 k == "expect" and v.strip().lower() == "100-continue" for k, v in cur.headers):
+            # Only for the request whose body is read next: a 100 must not overtake the
+            # answer to a request pipelined before it.
             self._queue(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -248,7 +269,11 @@ class _Connection:
                 return None
             if self._upgraded:
                 return None
-            data = await self.proto.read(READ_SIZE)
+            try:
+                data = await self.proto.read(
+                    READ_SIZE, IDLE_TIMEOUT if self._current is None else None)
+            except TimeoutError:
+                return None  # idle for too long between requests
             if not data:
                 return None  # the client's end of stream, between requests or within one
             try:
@@ -259,10 +284,16 @@ class _Connection:
                 self._upgraded = True
             except httptools.HttpParserError:
                 self._fail(400, b"bad request\n")
-            if self._current is not None and not self._head_done:
-                self._head_size += len(data)  # a head that never ends is cut off too
-                if self._head_size > 2 * MAX_HEAD:
+            if self._current is not None:
+                # Raw bytes of the request still being read, whatever llhttp holds back
+                # (a head, a trailer or a chunk-size line that never ends): capped.
+                # What is not body (head, chunk-size lines, trailers) is capped alone.
+                self._msg_size += len(data)
+                overhead = self._msg_size - len(self._current.body)
+                if not self._head_done and overhead > 2 * MAX_HEAD:
                     self._fail(431, b"request head too large\n")
+                elif overhead > 4 * MAX_HEAD:
+                    self._fail(431, b"request framing or trailers too large\n")
 
     async def run(self) -> None:
         while True:
@@ -272,10 +303,12 @@ class _Connection:
             request = Request(method=parsed.method,
                               target=parsed.url.decode("ascii", "replace"),
                               headers=parsed.headers, body=bytes(parsed.body))
+            self._responding = True
             response = await self.server.handler(request)
             # After a parse error or an upgrade nothing more is read from this stream.
             keep_alive = parsed.keep_alive and self._error is None and not self._upgraded
             await self._respond(response, parsed, keep_alive)
+            self._responding = False
             if not keep_alive:
                 return
 

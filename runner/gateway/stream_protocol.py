@@ -20,8 +20,10 @@ HIGH_WATER = 256 * 1024
 
 
 class StreamProtocol(asyncio.Protocol):
-    def __init__(self, on_connect: Callable[[StreamProtocol], None] | None = None) -> None:
+    def __init__(self, on_connect: Callable[[StreamProtocol], None] | None = None, *,
+                 half_close: bool = False) -> None:
         self.transport: asyncio.Transport | None = None
+        self._half_close = half_close
         self.buffer = bytearray()
         self.eof = False
         self.closed = False
@@ -48,7 +50,9 @@ class StreamProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self.eof = True
         self._wake_reader()
-        return None  # the transport closes itself
+        # True keeps our side open to answer a peer that only ended its own; else the
+        # transport closes itself.
+        return True if self._half_close else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -100,7 +100,9 @@ class _Origin:
 class UpstreamClient:
     def __init__(self, *, ca_file: Path | None = None, max_connections: int = 64,
                  max_idle: int = 16) -> None:
-        self._ssl = httpx.create_ssl_context()
+        # trust_env=False: SSL_CERT_FILE/SSL_CERT_DIR in the host's environment must not
+        # choose who may receive the key; extra authorities come only from the policy.
+        self._ssl = httpx.create_ssl_context(trust_env=False)
         if ca_file is not None:
             try:
                 self._ssl.load_verify_locations(cafile=str(ca_file))

@@ -33,6 +33,12 @@ BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR
             "COLORTERM", "COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR")
 BASE_PREFIXES = ("AIRLOCK_", "DOCKER_", "LC_")
 LOST = 3  # the server went away mid-run: like a lost engine, the environment failed
+# This installation: a server loaded from another one hands the run back.
+RUNNER_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What a server this client starts may see: where to find things, not what to unlock.
+SERVER_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+              "DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY",
+              "DOCKER_CONFIG", "AIRLOCK_RUNS_DIR", "AIRLOCK_PRESETS")
 
 
 def base_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, str]:
@@ -91,17 +97,18 @@ def _nobody_listens(path: str) -> bool:
 def start_server(path: str) -> None:
     """Start `airlock serve --auto` for this user, detached, and do not wait for it.
 
-    It gets only the non-secret variables a run would send anyway (no keys: the server
-    never uses its own environment for a run), no descriptors of ours (a caller
+    It gets only variables that say where things are (SERVER_ENV: no keys, and the
+    server never uses its own environment for a run), no descriptors of ours (a caller
     capturing our output must not wait for the server), its own session, and `/` as
     its directory. It logs beside its socket and ends after 30 idle minutes.
     """
     import subprocess
 
-    env = base_env()
+    env = {k: v for k, v in os.environ.items() if k in SERVER_ENV or k.startswith("LC_")}
     env[paths.SOCKET_ENV] = path
     with contextlib.suppress(OSError):  # no server this time: runs go in-process
-        subprocess.Popen([sys.executable, "-m", "runner.cli", "serve", "--auto"],
+        # -P: `/` (its working directory) is not put in front of the import path.
+        subprocess.Popen([sys.executable, "-P", "-m", "runner.cli", "serve", "--auto"],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, cwd="/", env=env,
                          start_new_session=True, close_fds=True)
@@ -123,7 +130,8 @@ def run_via_server(args: list[str]) -> int | None:
     with sock:
         try:
             p.send(sock, p.HELLO, {"v": p.VERSION, "argv": args, "cwd": os.getcwd(),
-                                   "env": base_env(), "prog": prog_name()}, fds=[0, 1, 2])
+                                   "env": base_env(), "prog": prog_name(),
+                                   "runner": RUNNER_DIR}, fds=[0, 1, 2])
         except OSError:
             return None
         return _converse(sock)

@@ -37,6 +37,7 @@ never listens on TCP.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import io
 import os
@@ -61,6 +62,7 @@ SPARE_READY, SPARE_TAKEN = 0, 1  # what a spare tells the server, with its pid
 EXIT_CLEAN, EXIT_GC, EXIT_STALE = 0, 3, 4  # a worker's status: 3 asks for gc, 4 found
 # the code on disk changed
 AUTO_IDLE_EXIT = 1800.0  # a server that `airlock run` started ends after this idle time
+_RUNNER_DIR = os.path.dirname(os.path.abspath(__file__)).rsplit(os.sep, 1)[0]
 
 
 def _log(msg: str) -> None:
@@ -71,10 +73,20 @@ def _log(msg: str) -> None:
 
 def code_fingerprint() -> tuple[tuple[str, int, int], ...]:
     """The installed Airlock code as it is on disk now: each module's path, mtime and
-    size (a few hundred microseconds; an upgrade or an edit changes it)."""
+    size, and the installed distributions beside its dependencies (an upgrade renames
+    their dist-info). A few hundred microseconds; an upgrade or an edit changes it."""
     import runner
 
-    out = []
+    out: list[tuple[str, int, int]] = []
+    import docker
+    import httpcore
+
+    sites = {os.path.dirname(os.path.dirname(os.path.abspath(dep.__file__ or "")))
+             for dep in (docker, httpcore)}
+    for site in sorted(sites):  # one listing each
+        with contextlib.suppress(OSError):
+            out.extend((name, 0, 0) for name in sorted(os.listdir(site))
+                       if name.endswith(".dist-info"))
     for root in runner.__path__:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
@@ -117,6 +129,9 @@ class Worker:
             hello = p.loads(frame[1]) or {}
             if hello.get("v") != p.VERSION or len(fds) != 3:
                 p.send(conn, p.FALLBACK, {"reason": "protocol version"})
+                return EXIT_CLEAN
+            if hello.get("runner") not in (None, _RUNNER_DIR):
+                p.send(conn, p.FALLBACK, {"reason": "another installation of Airlock"})
                 return EXIT_CLEAN
             if self.fingerprint is not None and code_fingerprint() != self.fingerprint:
                 _log("the code on disk changed; this run goes in-process; draining")
@@ -326,7 +341,8 @@ class Server:
         self.auto = auto
         self.draining = False
         self.fingerprint: tuple[tuple[str, int, int], ...] = ()
-        self._path_ino = 0
+        self._path_id: tuple[int, int] = (0, 0)
+        self._lock_fd: int | None = None
         self.pid_path = path.with_suffix(".pid")
         self.spares = max(1, spares)
         self.idle_exit = idle_exit
@@ -347,16 +363,19 @@ class Server:
         except paths.InsecurePath as exc:
             raise AirlockError(f"cannot serve: {exc}",
                                hint="use a directory only you can reach (mode 0700)") from None
-        if self.path.exists() or self.path.is_symlink():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(self.path))
-            except OSError:
-                self.path.unlink()  # a stale socket of a server that is gone
-            else:
-                raise AirlockError(f"a server already listens at {self.path}")
-            finally:
-                probe.close()
+        # The socket's name belongs to whoever holds this lock, for as long as it serves:
+        # two servers starting at once cannot both take it, and one that drains or
+        # ends never removes a successor's socket.
+        lock = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                       0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)
+            raise AirlockError(f"a server already listens at {self.path}") from None
+        self._lock_fd = lock
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # a socket left by a server that is gone: we hold the name
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket is 0600 from its first instant
         try:
@@ -365,7 +384,7 @@ class Server:
             os.umask(old)
         os.chmod(self.path, 0o600)
         paths.check_socket(self.path)
-        self._path_ino = os.lstat(self.path).st_ino
+        self._path_id = _file_id(self.path)
         sock.listen(128)
         return sock
 
@@ -391,17 +410,20 @@ class Server:
             self._close()
 
     def _close(self) -> None:
-        if self.listener is None:
+        """Give up the socket's name (once): remove the socket and pid file, release the
+        lock. The listener itself stays open in the spares until they leave."""
+        if self._lock_fd is None:
             return
-        # Only what is still ours: after a drain a new server may own these names.
         with contextlib.suppress(OSError):
-            if os.lstat(self.path).st_ino == self._path_ino:
-                self.path.unlink()
+            self.path.unlink()
         with contextlib.suppress(OSError, ValueError):
             if int(self.pid_path.read_text().strip()) == os.getpid():
                 self.pid_path.unlink()
-        self.listener.close()
-        self.listener = None
+        os.close(self._lock_fd)
+        self._lock_fd = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
 
     # the loop ------------------------------------------------------------------------
 
@@ -440,6 +462,8 @@ class Server:
                 if not self.draining and not ready_spares & self.idle:
                     watch.append(listener.fileno())  # to notice clients left waiting
                 timeout = 5.0 if len(self.idle) >= self.spares else max(0.0, refill_at - now)
+                if self.draining:
+                    timeout = 0.5
                 try:
                     ready, _, _ = select.select(watch, [], [], timeout)
                 except InterruptedError:
@@ -476,7 +500,7 @@ class Server:
                 if not self.draining and code_fingerprint() != self.fingerprint:
                     _log("the code on disk changed; draining")
                     self._drain()
-                if self.draining and not self.busy:
+                if self.draining and not self.busy and not self.idle:
                     _log("drained; exiting")
                     break
         finally:
@@ -496,8 +520,10 @@ class Server:
                 signal.set_wakeup_fd(-1)
                 for fd in closing:
                     os.close(fd)
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)  # the lock is the server's alone
                 code = _spare(self.listener, notify_w, self.command, prewarm,
-                              self.fingerprint)
+                              self.fingerprint, (str(self.path), self._path_id))
             except BaseException:  # a worker must never return into the server
                 with contextlib.suppress(Exception):
                     import traceback
@@ -517,6 +543,8 @@ class Server:
                     signal.signal(sig, signal.SIG_DFL)
                 if self.listener is not None:
                     self.listener.close()
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)
                 from runner.engines.docker_engine import DockerEngine
                 from runner.run.gc import collect
 
@@ -542,7 +570,7 @@ class Server:
                 self.gc_pids.discard(pid)
             elif pid in self.idle:
                 self.idle.discard(pid)
-                if not self.stopping:
+                if not self.stopping and not self.draining:
                     self.spare_failures += 1
                     _log(f"a spare worker ended before taking a run (status {code})")
             elif pid in self.busy:
@@ -564,10 +592,9 @@ class Server:
         if self.draining:
             return
         self.draining = True
+        # No spare is killed: one may have just taken a client. With the socket's name
+        # gone no new client can reach them; each notices within seconds and leaves.
         self._close()
-        for pid in self.idle:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
     def _shutdown(self) -> None:
         """Stop taking runs; interrupt the ones under way and wait for them to end."""
@@ -587,6 +614,15 @@ class Server:
         _log("stopped")
 
 
+def _file_id(path: str | Path) -> tuple[int, int]:
+    """(device, inode) of `path`, or (0, 0) when it is not there."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return (0, 0)
+    return (st.st_dev, st.st_ino)
+
+
 def _pending(listener: socket.socket) -> bool:
     """Whether a connection waits in the listen queue (no spare has taken it yet)."""
     ready, _, _ = select.select([listener], [], [], 0)
@@ -594,7 +630,8 @@ def _pending(listener: socket.socket) -> bool:
 
 
 def _spare(listener: socket.socket, notify_w: int, command: Any, prewarm: bool,
-           fingerprint: tuple[tuple[str, int, int], ...] | None = None) -> int:
+           fingerprint: tuple[tuple[str, int, int], ...] | None = None,
+           name: tuple[str, tuple[int, int]] | None = None) -> int:
     """A pre-forked worker: wait for one connection, take it, run it, exit."""
     signal.set_wakeup_fd(-1)
     os.setsid()  # the server's terminal's Ctrl-C is not the client's
@@ -610,9 +647,12 @@ def _spare(listener: socket.socket, notify_w: int, command: Any, prewarm: bool,
     while True:
         try:
             # Wake now and then: a spare whose server is gone leaves (best effort).
-            ready, _, _ = select.select([listener], [], [], 5.0)
+            ready, _, _ = select.select([listener], [], [], 1.0)
             if not ready:
-                if os.getppid() != server:
+                # A spare whose server is gone, or whose socket no longer has its name
+                # (the server drains), leaves.
+                if os.getppid() != server or (name is not None and
+                                               _file_id(name[0]) != name[1]):
                     return EXIT_CLEAN
                 continue
             conn, _ = listener.accept()
