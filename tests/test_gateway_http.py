@@ -368,3 +368,32 @@ def test_connections_beyond_the_cap_are_closed(tmp_path: Path):
 
 async def _answer() -> Response:
     return Response(200, [], b"ok")
+
+
+def test_a_connection_idle_between_requests_is_closed(tmp_path: Path, monkeypatch):
+    from runner.gateway import http as http_mod
+
+    monkeypatch.setattr(http_mod, "IDLE_TIMEOUT", 0.3)
+    monkeypatch.setattr(http_mod, "SWEEP_EVERY", 0.1)
+
+    async def main() -> None:
+        server = HttpServer(lambda req: _answer())  # type: ignore[arg-type, return-value]
+        await server.start_unix(tmp_path / "s.sock")
+
+        def talk() -> tuple[bytes, bytes, float]:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect(str(tmp_path / "s.sock"))
+            s.sendall(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
+            first = s.recv(65536)
+            t0 = time.monotonic()
+            end = s.recv(65536)  # nothing more is sent: the server ends the connection
+            s.close()
+            return first, end, time.monotonic() - t0
+
+        first, end, waited = await asyncio.to_thread(talk)
+        assert first.startswith(b"HTTP/1.1 200 ") and end == b""
+        assert 0.2 < waited < 3
+        await server.aclose()
+
+    asyncio.run(main())

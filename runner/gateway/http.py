@@ -24,6 +24,7 @@ import contextlib
 import os
 import re
 import stat
+import time
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ MAX_BODY = 64 * 1024 * 1024  # requests carry whole conversations and images, no
 MAX_HEAD = 64 * 1024  # request line and headers (and, apart, a chunked body's trailers)
 MAX_CONNECTIONS = 256  # from one sandbox at once; more are closed as they come
 IDLE_TIMEOUT = 900.0  # seconds a connection may wait between requests (agents think)
+SWEEP_EVERY = 60.0  # how often idle connections are looked for (no timer per request)
 
 # What may be written as a header: a token for the name; for the value, visible
 # characters, spaces and tabs (no CR, LF or NUL: a response cannot be split).
@@ -95,8 +97,10 @@ class HttpServer:
         self.max_body = max_body
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self._open: set[_Connection] = set()
         self._finals: set[asyncio.Future[None]] = set()
         self._unix_path: Path | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def start_unix(self, path: Path, mode: int = 0o666) -> None:
         """Bind `path` (replacing a stale socket) and make it connectable by `mode`.
@@ -113,13 +117,26 @@ class HttpServer:
         self._server = await loop.create_unix_server(self._protocol, path=str(path))
         os.chmod(path, mode)
         self._unix_path = path
+        self._sweep()
 
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> int:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._protocol, host, port)
+        self._sweep()
         return int(self._server.sockets[0].getsockname()[1])
 
+    def _sweep(self) -> None:
+        """Close connections that have waited longer than IDLE_TIMEOUT between requests."""
+        now = time.monotonic()
+        for conn in list(self._open):
+            if conn.idle_since is not None and now - conn.idle_since > IDLE_TIMEOUT:
+                conn.proto.close()
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_EVERY, self._sweep)
+
     async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._server is not None:
             self._server.close()
         for task in list(self._conns):
@@ -149,8 +166,9 @@ class HttpServer:
         task.add_done_callback(self._conns.discard)
 
     async def _serve(self, proto: StreamProtocol) -> None:
+        conn = _Connection(self, proto)
+        self._open.add(conn)
         try:
-            conn = _Connection(self, proto)
             try:
                 await conn.run()
             finally:
@@ -160,6 +178,7 @@ class HttpServer:
         except Exception:  # an upstream failure mid-stream ends this
             pass  # connection only (unterminated, so the client sees it); it was recorded
         finally:
+            self._open.discard(conn)
             proto.close()
 
 
@@ -187,6 +206,7 @@ class _Connection:
         self._head_size = 0
         self._msg_size = 0  # bytes fed while the current request was being read
         self._responding = False
+        self.idle_since: float | None = None
         self._done: deque[_Parsed] = deque()
         self._error: tuple[int, bytes] | None = None
         self._upgraded = False
@@ -231,13 +251,18 @@ class _Connection:
         self._head_done = True
         cur.method = self.parser.get_method().decode("ascii", "replace")
         cur.version = self.parser.get_http_version()
-        length = next((v for k, v in cur.headers if k == "content-length"), None)
+        length = expect = None
+        for k, v in cur.headers:
+            if k == "content-length":
+                length = v
+            elif k == "expect":
+                expect = v
         if length is not None and length.strip().isdigit() and \
                 int(length) > self.server.max_body:
             self._fail(413, b"request body too large\n")  # before the client sends it
-        if self._error is None and cur.version == "1.1" and not self._done and \
-                not self._responding and any(
-                k == "expect" and v.strip().lower() == "100-continue" for k, v in cur.headers):
+        if (expect is not None and expect.strip().lower() == "100-continue"
+                and self._error is None and cur.version == "1.1" and not self._done
+                and not self._responding):
             # Only for the request whose body is read next: a 100 must not overtake the
             # answer to a request pipelined before it.
             self._queue(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -269,11 +294,10 @@ class _Connection:
                 return None
             if self._upgraded:
                 return None
-            try:
-                data = await self.proto.read(
-                    READ_SIZE, IDLE_TIMEOUT if self._current is None else None)
-            except TimeoutError:
-                return None  # idle for too long between requests
+            if self._current is None:
+                self.idle_since = time.monotonic()  # between requests: see _sweep
+            data = await self.proto.read(READ_SIZE)
+            self.idle_since = None
             if not data:
                 return None  # the client's end of stream, between requests or within one
             try:
