@@ -179,23 +179,14 @@ def _no_scrubbing(ctx: Context) -> contextlib.AbstractContextManager[Any]:
 
 
 def _believing_control(ctx: Context) -> contextlib.AbstractContextManager[Any]:
-    import threading
-
     from runner.run import orchestrator
     from runner.run.control import ControlServer
 
     class Believing(ControlServer):
         """Believes every connection, not only the shim's first one."""
 
-        def _serve(self) -> None:
-            while not self._closed.is_set():
-                try:
-                    conn, _ = self._sock.accept()
-                except OSError:
-                    return
-                self._conn = self._conn or conn
-                self.connected.set()
-                threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+        def _admit(self, conn: Any) -> bool:
+            return True
 
     return _patched(orchestrator, "ControlServer", Believing)
 

@@ -42,13 +42,17 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            if self._conn is not None:
+            if not self._admit(conn):
                 conn.close()
                 self._on_refused()
                 continue
-            self._conn = conn
+            self._conn = self._conn or conn
             self.connected.set()
             threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _admit(self, conn: socket.socket) -> bool:
+        """Only the first connection is the shim's; any later one is refused."""
+        return self._conn is None
 
     def _read(self, conn: socket.socket) -> None:
         buf = b""
