@@ -509,10 +509,14 @@ def _proxy_verdict(out: dict[str, str]) -> Result:
     return res(esc, summary(out))
 
 
-def proxy_disallowed_port(cfg: dict) -> Result:
-    aid = "proxy.disallowed-port"
+def _proxy_to_localhost(cfg: dict, aid: str) -> Result:
+    """CONNECT to the attack's canary by the name localhost."""
     target = f"localhost:{cfg['canary'][aid]}"
     return _proxy_verdict({target: proxy_exchange(cfg, _connect(target), aid.encode())})
+
+
+def proxy_disallowed_port(cfg: dict) -> Result:
+    return _proxy_to_localhost(cfg, "proxy.disallowed-port")
 
 
 def proxy_ip_literal(cfg: dict) -> Result:
@@ -524,9 +528,7 @@ def proxy_ip_literal(cfg: dict) -> Result:
 
 
 def proxy_private_name(cfg: dict) -> Result:
-    aid = "proxy.private-name"
-    target = f"localhost:{cfg['canary'][aid]}"
-    return _proxy_verdict({target: proxy_exchange(cfg, _connect(target), aid.encode())})
+    return _proxy_to_localhost(cfg, "proxy.private-name")
 
 
 def proxy_host_mismatch(cfg: dict) -> Result:
