@@ -3,9 +3,9 @@
 httpcore's own backend for asyncio goes through anyio: a cancel scope per read and
 per write, and a poll() system call per request to see whether an idle connection was
 closed. At a provider call every millisecond that was a large share of what the
-gateway cost, so this backend does the same on an asyncio Protocol instead: reads wait on a future,
-timeouts are `asyncio.timeout`, and whether an idle connection has data or was closed
-is already known from the protocol's callbacks. TLS is the standard library's
+gateway cost, so this backend does the same on an asyncio Protocol instead: reads wait
+on a future with a bare timer for their timeout, and whether an idle connection has
+data or was closed is already known from the protocol's callbacks. TLS is the standard library's
 (`loop.start_tls`), verified with the context httpcore passes.
 
 Writes are held until the connection next reads, so a request's head and body leave

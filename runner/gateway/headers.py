@@ -33,6 +33,14 @@ RESPONSE_DROP = HOP_BY_HOP | frozenset({
 })
 
 
+def first_header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
+    """The first value of `name` (lower-cased) in lower-cased header pairs."""
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
 def request_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers if k.lower() not in REQUEST_DROP]
 

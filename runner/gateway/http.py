@@ -33,6 +33,7 @@ from pathlib import Path
 
 import httptools
 
+from runner.gateway.headers import first_header
 from runner.gateway.stream_protocol import StreamProtocol
 
 READ_SIZE = 64 * 1024
@@ -67,10 +68,7 @@ class Request:
         return self.target.split("?", 1)[1] if "?" in self.target else ""
 
     def header(self, name: str) -> str | None:
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
+        return first_header(self.headers, name)
 
 
 Finaliser = Callable[[BaseException | None], Awaitable[None]]

@@ -121,7 +121,8 @@ class ProviderGateway:
         self._credential = await load_credential(self.provider, self.spec, self._environ)
         if self._replayer is None:
             # No redirects, and nothing from the host's environment (a host HTTPS_PROXY
-            # must not see the provider's key); TLS verified as httpx does by default.
+            # must not see the provider's key); TLS verified against httpx's trust store
+            # plus the policy's ca_file, if any.
             ca_file = self.provider.ca_file
             self._client = UpstreamClient(
                 ca_file=Path(ca_file).expanduser() if ca_file else None)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import ssl
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import httpx
 
 from runner.errors import NotReady
 from runner.gateway.asyncio_backend import AsyncioBackend
+from runner.gateway.headers import first_header
 
 CONNECT_TIMEOUT, READ_TIMEOUT, WRITE_TIMEOUT, POOL_TIMEOUT = 15.0, 600.0, 60.0, 30.0
 _TIMEOUTS = {"connect": CONNECT_TIMEOUT, "read": READ_TIMEOUT, "write": WRITE_TIMEOUT,
@@ -61,32 +63,17 @@ class UpstreamResponse:
     status: int
     headers: list[tuple[str, str]]  # names lower-cased, in order
     stream: AsyncIterable[bytes]  # raises one of STREAM_ERRORS if cut off
-    _release: Release = field(repr=False)
+    _release: Callable[[], Awaitable[None]] = field(repr=False)
     _closed: bool = field(default=False, repr=False)
 
     def header(self, name: str) -> str | None:
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
+        return first_header(self.headers, name)
 
     async def aclose(self) -> None:
         """Once: ends the exchange and hands the connection back (or closes it)."""
         if not self._closed:
             self._closed = True
             await self._release()
-
-
-class Release:
-    def __init__(self, client: UpstreamClient, origin: _Origin,
-                 conn: httpcore.AsyncHTTP11Connection, response: httpcore.Response) -> None:
-        self._client, self._origin, self._conn, self._response = client, origin, conn, response
-
-    async def __call__(self) -> None:
-        try:
-            await self._response.aclose()
-        finally:
-            await self._client._checkin(self._origin, self._conn)
 
 
 @dataclass(frozen=True)
@@ -144,7 +131,7 @@ class UpstreamClient:
             conn = idle.pop()
             if conn.is_available() and not conn.has_expired():
                 return conn
-            asyncio.get_running_loop().create_task(conn.aclose())
+            await conn.aclose()  # closes the transport; nothing to wait for
         # A new connection, opened here rather than by httpcore's AsyncHTTPConnection:
         # that wrapper's lock (anyio's, which yields to the loop even when free) put a
         # turn of the event loop in front of every request.
@@ -156,6 +143,13 @@ class UpstreamClient:
         return httpcore.AsyncHTTP11Connection(
             httpcore.Origin(origin.scheme, origin.host, origin.port), stream,
             keepalive_expiry=KEEPALIVE_EXPIRY)
+
+    async def _release(self, origin: _Origin, conn: httpcore.AsyncHTTP11Connection,
+                       response: httpcore.Response) -> None:
+        try:
+            await response.aclose()
+        finally:
+            await self._checkin(origin, conn)
 
     async def _checkin(self, origin: _Origin, conn: httpcore.AsyncHTTP11Connection) -> None:
         self._slots.release()
@@ -202,7 +196,7 @@ class UpstreamClient:
         stream = response.stream
         assert isinstance(stream, AsyncIterable)
         return UpstreamResponse(response.status, headers_out, stream,
-                                Release(self, origin, conn, response))
+                                functools.partial(self._release, origin, conn, response))
 
     async def aclose(self) -> None:
         self._closed = True
