@@ -33,8 +33,6 @@ BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR
             "COLORTERM", "COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR")
 BASE_PREFIXES = ("AIRLOCK_", "DOCKER_", "LC_")
 LOST = 3  # the server went away mid-run: like a lost engine, the environment failed
-# This installation: a server loaded from another one hands the run back.
-RUNNER_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What a server this client starts may see: where to find things, not what to unlock.
 SERVER_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
               "DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY",
@@ -131,7 +129,7 @@ def run_via_server(args: list[str]) -> int | None:
         try:
             p.send(sock, p.HELLO, {"v": p.VERSION, "argv": args, "cwd": os.getcwd(),
                                    "env": base_env(), "prog": prog_name(),
-                                   "runner": RUNNER_DIR}, fds=[0, 1, 2])
+                                   "runner": p.INSTALLATION}, fds=[0, 1, 2])
         except OSError:
             return None
         return _converse(sock)

@@ -59,10 +59,10 @@ GC_EVERY = 900.0  # seconds between background gc passes
 SHUTDOWN_GRACE = 30.0
 REFILL_DELAY = 0.5  # seconds after a spare is taken before its replacement is forked
 SPARE_READY, SPARE_TAKEN = 0, 1  # what a spare tells the server, with its pid
-EXIT_CLEAN, EXIT_GC, EXIT_STALE = 0, 3, 4  # a worker's status: 3 asks for gc, 4 found
-# the code on disk changed
+# A worker's exit status: 3 asks the server for gc, 4 says the code on disk changed.
+EXIT_CLEAN, EXIT_GC, EXIT_STALE = 0, 3, 4
 AUTO_IDLE_EXIT = 1800.0  # a server that `airlock run` started ends after this idle time
-_RUNNER_DIR = os.path.dirname(os.path.abspath(__file__)).rsplit(os.sep, 1)[0]
+CHECK_CODE_EVERY = 5.0  # seconds between the idle server's own looks at the code on disk
 
 
 def _log(msg: str) -> None:
@@ -130,7 +130,7 @@ class Worker:
             if hello.get("v") != p.VERSION or len(fds) != 3:
                 p.send(conn, p.FALLBACK, {"reason": "protocol version"})
                 return EXIT_CLEAN
-            if hello.get("runner") not in (None, _RUNNER_DIR):
+            if hello.get("runner") not in (None, p.INSTALLATION):
                 p.send(conn, p.FALLBACK, {"reason": "another installation of Airlock"})
                 return EXIT_CLEAN
             if self.fingerprint is not None and code_fingerprint() != self.fingerprint:
@@ -443,6 +443,7 @@ class Server:
         _log(f"listening on {self.path}")
         self._spawn_gc()
         next_gc = time.monotonic() + GC_EVERY
+        next_check = time.monotonic() + CHECK_CODE_EVERY
         listener = self.listener
         assert listener is not None
         ready_spares: set[int] = set()  # idle spares blocked in accept(), warmed up
@@ -497,9 +498,13 @@ class Server:
                         and now - self.last_active > self.idle_exit):
                     _log("idle; exiting")
                     break
-                if not self.draining and code_fingerprint() != self.fingerprint:
-                    _log("the code on disk changed; draining")
-                    self._drain()
+                # Not on every turn: turns come with each run's start, and every worker
+                # checks for itself before it takes a run anyway.
+                if not self.draining and now >= next_check:
+                    next_check = now + CHECK_CODE_EVERY
+                    if code_fingerprint() != self.fingerprint:
+                        _log("the code on disk changed; draining")
+                        self._drain()
                 if self.draining and not self.busy and not self.idle:
                     _log("drained; exiting")
                     break

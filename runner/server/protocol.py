@@ -5,7 +5,7 @@ A frame is one kind byte, a 4-byte big-endian length and that many bytes of payl
 file descriptors (SCM_RIGHTS): the server writes the run's output straight to the
 client's terminal or pipes, so nothing is relayed or buffered on the way.
 
-    client -> server   HELLO  {"v", "argv", "cwd", "env"}  + fds 0, 1, 2
+    client -> server   HELLO  {"v", "argv", "cwd", "env", "prog", "runner"}  + fds 0, 1, 2
     server -> client   NEED   ["NAME", ...]        variables the run may read
     client -> server   ENV    {"NAME": "value"}    those the client has
     server -> client   START  (empty)              the server runs it from here on
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import json
+import os
 import socket
 import struct
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 VERSION = 1
+# Where this Airlock is installed (its `runner` package), sent with the hello: a server
+# loaded from another installation hands the run back.
+INSTALLATION = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELLO, NEED, ENV, START, INTERRUPT, EXIT, FALLBACK = (b"H", b"N", b"E", b"S", b"I", b"X", b"F")
 MAX_FRAME = 4 << 20
 _HEAD = struct.Struct(">cI")
