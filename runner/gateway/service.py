@@ -3,9 +3,9 @@
 Each request from the sandbox is checked in this order, and the first failure is a
 refusal in the provider's own error shape plus a `provider.refused` event:
 route (method + path + query keys) -> JSON body -> model allowlist -> tools ->
-request budget. What passes is forwarded with the real credential and streamed back
-chunk by chunk; when it ends, one `provider.request` event records it and its tokens
-are charged to the budget.
+provider-side fetches (content.py) -> request budget. What passes is forwarded with
+the real credential and streamed back chunk by chunk; when it ends, one
+`provider.request` event records it and its tokens are charged to the budget.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from runner.events.budgets import Budgets
 from runner.events.log import EventSink, Source
 from runner.gateway import backends
 from runner.gateway.backends import BACKENDS, BackendSpec, Family, Route
+from runner.gateway.content import scan as scan_content
 from runner.gateway.credentials import Credential, CredentialError, load_credential
 from runner.gateway.headers import Scrubber, redact_text, request_headers, response_headers
 from runner.gateway.http import HttpServer, Request, Response
@@ -212,6 +213,12 @@ class ProviderGateway:
                                   self.provider.tools)
             if refusal is not None:
                 raise _Refused(403, refusal.reason, refusal.detail, tool=refusal.tool)
+            p = self.provider
+            content = scan_content(route.kind, body, url_sources=p.url_sources,
+                                   stored_prompts=p.stored_prompts, background=p.background)
+            if content.refusal is not None:
+                raise _Refused(403, content.refusal.reason, content.refusal.detail,
+                               where=content.refusal.where)
         call.stream = self._is_stream(route, body)
         # Last, so a request refused for policy costs no budget. A request past the
         # budget is charged anyway: that trips the budget and ends the run (exit 4).

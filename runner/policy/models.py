@@ -264,6 +264,16 @@ class ProviderPolicy(Strict):
     tools: list[str] | None = Field(
         None, description="If set, the only tool names a request may offer the model."
     )
+    url_sources: bool = Field(
+        False, description="Let requests carry content the provider fetches from a URL "
+        "itself (image/document URL sources, image_url and file_url parts): the provider's "
+        "network, not the sandbox's, would reach that URL (widens the boundary).")
+    stored_prompts: bool = Field(
+        False, description="Let Responses requests name a stored `prompt`, configured on "
+        "the provider's side where the gateway cannot check its tools or files (widens).")
+    background: bool = Field(
+        False, description="Let Responses requests run in the `background`: the answer is "
+        "fetched later, without usage the token budget could see (widens).")
     project: str | None = Field(None, description="Vertex AI project.")
     region: str | None = Field(None, description="Vertex AI region.")
     replay_file: str | None = Field(None, description="Recorded exchanges (backend replay).")
@@ -379,4 +389,10 @@ def widenings(policy: Policy) -> list[str]:
         out.append("readiness.gate: false (a failing self-test does not stop the run)")
     if policy.provider and policy.provider.hosted_tools:
         out.append(f"provider.hosted_tools: {', '.join(policy.provider.hosted_tools)}")
+    if policy.provider and policy.provider.url_sources:
+        out.append("provider.url_sources: true (the provider fetches URLs a request names)")
+    if policy.provider and policy.provider.stored_prompts:
+        out.append("provider.stored_prompts: true (stored prompts run unchecked tools)")
+    if policy.provider and policy.provider.background:
+        out.append("provider.background: true (background responses escape the token budget)")
     return out

