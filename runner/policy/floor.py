@@ -89,6 +89,11 @@ def _must_stay_true(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Wide
         yield Widening(key, fj, cj, "the floor requires true")
 
 
+def _must_stay_false(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
+    if c and not f:
+        yield Widening(key, fj, cj, "the floor requires false")
+
+
 def _subset(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
     have = set(fj)
     for item in cj:
@@ -244,6 +249,9 @@ RULES: dict[str, Rule] = {
     "provider.aliases": _models,
     "provider.allow_models": _models,
     "provider.hosted_tools": _subset,
+    "provider.url_sources": _must_stay_false,
+    "provider.stored_prompts": _must_stay_false,
+    "provider.background": _must_stay_false,
     "provider.tools": _tools_allowlist,
     "provider.project": _equal,
     "provider.region": _equal,
