@@ -12,18 +12,20 @@ if TYPE_CHECKING:
     from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Event", "Policy", "RunHandle", "RunResult", "as_policy", "execute", "load_policy", "start"]
+__all__ = ["Event", "Policy", "Pool", "RunHandle", "RunResult", "as_policy", "execute",
+           "load_policy", "start"]
 
 if TYPE_CHECKING:
     from runner.api import RunHandle, as_policy, execute, load_policy, start
     from runner.events.log import Event
     from runner.policy.models import Policy
+    from runner.run.pool import Pool
     from runner.run.report import RunResult
 
 _WHERE = {
     "execute": "runner.api", "start": "runner.api", "load_policy": "runner.api",
     "as_policy": "runner.api", "RunHandle": "runner.api", "Event": "runner.events.log",
-    "Policy": "runner.policy.models", "RunResult": "runner.run.report",
+    "Policy": "runner.policy.models", "Pool": "runner.run.pool", "RunResult": "runner.run.report",
 }
 
 

@@ -27,6 +27,7 @@ from runner.policy.models import Policy
 from runner.run.hostaddrs import host_addresses
 from runner.run.orchestrator import RunOptions
 from runner.run.orchestrator import run as _run
+from runner.run.pool import Pool
 from runner.run.report import RunResult
 
 PolicyLike = Policy | str | Path | Mapping[str, Any]
@@ -49,7 +50,8 @@ def _options(task: str | Sequence[str], *, agent: str, policy: PolicyLike,
              workspace: str | Path | None, model: str | None,
              tools: Sequence[Callable[..., Any]], on_event: Callable[[Event], None] | None,
              record: str | Path | None, runs_dir: str | Path | None,
-             on_output: Callable[[str, bytes], None] | None) -> RunOptions:
+             on_output: Callable[[str, bytes], None] | None,
+             pool: Pool | None = None) -> RunOptions:
     return RunOptions(
         policy=as_policy(policy),
         agent=get_agent(agent),
@@ -62,6 +64,7 @@ def _options(task: str | Sequence[str], *, agent: str, policy: PolicyLike,
         runs_dir=Path(runs_dir) if runs_dir is not None else None,
         on_output=on_output,
         host_addresses=host_addresses(),
+        pool=pool,
     )
 
 
@@ -69,11 +72,16 @@ def execute(task: str | Sequence[str], *, agent: str = "builtin", policy: Policy
         workspace: str | Path | None = None, model: str | None = None,
         tools: Sequence[Callable[..., Any]] = (), on_event: Callable[[Event], None] | None = None,
         record: str | Path | None = None, runs_dir: str | Path | None = None,
-        on_output: Callable[[str, bytes], None] | None = None) -> RunResult:
-    """Run one task in a sandbox and return its result (blocking)."""
+        on_output: Callable[[str, bytes], None] | None = None,
+        pool: Pool | None = None) -> RunResult:
+    """Run one task in a sandbox and return its result (blocking).
+
+    With `pool` (a `runner.Pool`), a run without a workspace claims a warm sandbox of
+    its boundary when one is ready, and starts cold otherwise.
+    """
     return _run(_options(task, agent=agent, policy=policy, workspace=workspace, model=model,
                          tools=tools, on_event=on_event, record=record, runs_dir=runs_dir,
-                         on_output=on_output))
+                         on_output=on_output, pool=pool))
 
 
 class RunHandle:
@@ -120,8 +128,8 @@ class RunHandle:
 def start(task: str | Sequence[str], *, agent: str = "builtin", policy: PolicyLike = "default",
           workspace: str | Path | None = None, model: str | None = None,
           tools: Sequence[Callable[..., Any]] = (), record: str | Path | None = None,
-          runs_dir: str | Path | None = None) -> RunHandle:
+          runs_dir: str | Path | None = None, pool: Pool | None = None) -> RunHandle:
     """Start a run in the background; iterate `handle.events()`, then `handle.result()`."""
     return RunHandle(_options(task, agent=agent, policy=policy, workspace=workspace,
                               model=model, tools=tools, on_event=None, record=record,
-                              runs_dir=runs_dir, on_output=None))
+                              runs_dir=runs_dir, on_output=None, pool=pool))

@@ -71,7 +71,13 @@ class Sandbox(ABC):
     image_id: str | None = None  # the content digest of the image it runs
 
     @abstractmethod
-    def start(self) -> None: ...
+    def start(self, *, attach: bool = True) -> None:
+        """Start the container; with `attach`, collect its output from the first byte."""
+
+    @abstractmethod
+    def attach(self) -> None:
+        """Start collecting output of a sandbox that is already running (a pooled one):
+        what it writes from now on is in `output()`."""
 
     @abstractmethod
     def output(self) -> Iterator[tuple[Literal["stdout", "stderr"], bytes]]:

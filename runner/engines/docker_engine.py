@@ -119,11 +119,20 @@ class DockerSandbox(Sandbox):
             raise
         self._response = response
 
-    def start(self) -> None:
+    def attach(self) -> None:
         import docker.errors
 
-        with contextlib.suppress(Exception):  # output() attaches afterwards, with logs
+        try:
             self._attach()
+        except docker.errors.APIError as exc:
+            raise NotReady(f"the engine could not attach to the sandbox: {exc.explanation}") from None
+
+    def start(self, *, attach: bool = True) -> None:
+        import docker.errors
+
+        if attach:
+            with contextlib.suppress(Exception):  # output() attaches afterwards, with logs
+                self._attach()
         try:
             self._container.start()
         except docker.errors.APIError as exc:

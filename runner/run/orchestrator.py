@@ -7,12 +7,12 @@ the run; `airlock gc` removes what a killed host process could not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import marshal
 import os
 import secrets
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -31,8 +31,8 @@ from runner.policy.loader import policy_digest
 from runner.policy.models import SANDBOX_HOME, WORKSPACE_PATH, Policy, widenings
 from runner.run import workspace as ws_mod
 from runner.run.control import ControlServer
-from runner.run.gc import OWNER_FILE, SCRATCH_PREFIX
 from runner.run.owner import owner_label
+from runner.run.pool import Pool, Recipe, WarmSandbox, make_scratch
 from runner.run.reaper import ensure_reaper, needs_gc
 from runner.run.report import RunResult, write_report
 from runner.run.services import ServiceHost
@@ -74,6 +74,8 @@ class RunOptions:
     # Raw agent output as it arrives (stream name, bytes): the console prints it.
     on_output: Callable[[str, bytes], None] | None = None
     host_addresses: list[str] = field(default_factory=list)
+    # Warm sandboxes to claim from (runs without a workspace); None: always cold.
+    pool: Pool | None = None
 
 
 class Run:
@@ -162,8 +164,8 @@ class Run:
         (self.dir / "policy.json").write_text(json.dumps(p.model_dump(mode="json"), indent=2))
 
         ensure_reaper()
-        scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))  # 0700: only this user
-        (scratch / OWNER_FILE).write_text(owner_label())
+        scratch: Path | None = None
+        warm: WarmSandbox | None = None
         services = ServiceHost()
         control: ControlServer | None = None
         prepared: ws_mod.PreparedWorkspace | None = None
@@ -176,14 +178,15 @@ class Run:
         try:
             engine = self.o.engine or get_engine()
             image = image_tag(agent.image)
-            # No separate presence check: create() answers a missing image with NotReady.
-            run_dir = scratch / "run"
-            run_dir.mkdir(mode=0o755)
-            os.chmod(run_dir, 0o755)
-            etc = scratch / "etc"
-            etc.mkdir()
-            (etc / "resolv.conf").write_text("# airlock: the sandbox has no DNS\n")
-            (etc / "hosts").write_text("127.0.0.1\tlocalhost airlock\n::1\tlocalhost\n")
+            if self.o.pool is not None and self.o.workspace is None:
+                warm = self.o.pool.claim(Recipe(p, image))
+            if warm is not None:
+                scratch, run_dir, etc = warm.scratch, warm.run_dir, warm.etc_dir
+                with self._lock:
+                    self._sandbox = warm.sandbox
+            else:
+                # No separate presence check: create() answers a missing image with NotReady.
+                scratch, run_dir, etc = make_scratch()
 
             uid, _, gid = p.process.user.partition(":")
             prepared = ws_mod.prepare(self.o.workspace, p.filesystem.workspace, scratch,
@@ -211,18 +214,26 @@ class Run:
             }
             # marshal: the shim reads it without importing json (see runner/sandbox/shim.py);
             # the JSON round trip leaves only the plain types marshal format 4 carries.
-            (run_dir / "shim.cfg").write_bytes(marshal.dumps(json.loads(json.dumps(shim_cfg)), 4))
-            spec = container_spec(p, SandboxInputs(
-                image=image, run_id=self.run_id, owner=owner_label(), run_dir=run_dir,
-                etc_dir=etc, workspace=prepared.host_path,
-                workspace_writable=prepared.writable))
-            sandbox = engine.create(spec)
-            with self._lock:
-                self._sandbox = sandbox
-            image_digest = sandbox.image_id
-            self.log.emit("sandbox.created", "host", container=sandbox.id[:12], image=image,
-                          image_digest=image_digest, runtime=spec.runtime)
-            code, oom = self._run_sandbox(sandbox)
+            shim_bytes = marshal.dumps(json.loads(json.dumps(shim_cfg)), 4)
+            if warm is not None:
+                sandbox = warm.sandbox
+                image_digest = sandbox.image_id
+                self.log.emit("sandbox.claimed", "host", container=sandbox.id[:12], image=image,
+                              image_digest=image_digest, runtime=p.process.runtime,
+                              pool=warm.pool_id, warm_s=round(time.monotonic() - warm.created, 3))
+            else:
+                (run_dir / "shim.cfg").write_bytes(shim_bytes)
+                spec = container_spec(p, SandboxInputs(
+                    image=image, run_id=self.run_id, owner=owner_label(), run_dir=run_dir,
+                    etc_dir=etc, workspace=prepared.host_path,
+                    workspace_writable=prepared.writable))
+                sandbox = engine.create(spec)
+                with self._lock:
+                    self._sandbox = sandbox
+                image_digest = sandbox.image_id
+                self.log.emit("sandbox.created", "host", container=sandbox.id[:12], image=image,
+                              image_digest=image_digest, runtime=spec.runtime)
+            code, oom = self._run_sandbox(sandbox, warm, shim_bytes)
             exit_code, status, reason = self._classify(agent, code, oom)
         except KeyboardInterrupt:
             self._end("interrupted")
@@ -248,7 +259,11 @@ class Run:
                     (self.dir / "changes.patch").write_text(patch_text, errors="surrogateescape")
                     self.log.emit("workspace.patch", "host", bytes=len(patch_text),
                                   path=str(self.dir / "changes.patch"))
-            shutil.rmtree(scratch, ignore_errors=True)
+            if warm is not None:
+                with contextlib.suppress(OSError):
+                    warm.feed.close()
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
 
         result = RunResult(
             run_id=self.run_id,
@@ -341,11 +356,18 @@ class Run:
         ok = agent.succeeded(code)
         return (ExitCode.OK if ok else ExitCode.AGENT_FAILED), ("succeeded" if ok else "failed"), "agent"
 
-    def _run_sandbox(self, sandbox: Sandbox) -> tuple[int, bool]:
+    def _run_sandbox(self, sandbox: Sandbox, warm: WarmSandbox | None = None,
+                     shim_config: bytes = b"") -> tuple[int, bool]:
         deadline = self.policy.resources.wall_time
         timer = threading.Timer(deadline, self._end, args=("timeout",))
         timer.daemon = True
-        sandbox.start()
+        if warm is not None:
+            # Attached before the configuration goes down: every byte the agent writes
+            # is collected, as with a cold start's attach-before-start.
+            sandbox.attach()
+            warm.deliver(shim_config)
+        else:
+            sandbox.start()
         self.log.emit("sandbox.started", "host")
         timer.start()
         reader = threading.Thread(target=self._pump_output, args=(sandbox,), daemon=True)

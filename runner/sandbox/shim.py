@@ -17,6 +17,9 @@ Configuration: the file the host writes into the read-only run directory,
      "files": {"/home/airlock/.config/x.toml": "..."},
      "selftest": {...} | null}
 
+A pooled sandbox is started with `--pool` before any run exists and gets the same
+configuration over `/run/airlock/pool.sock` when a run claims it (`wait_for_claim`).
+
 Order: listen on every bridge port (so the agent never races them), connect the
 control socket, run the self-test and report it, start the agent in its own process
 group with exactly `env`, report its exit, and exit with its code. If the control
@@ -39,6 +42,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 CONFIG_PATH = "/run/airlock/shim.cfg"
+POOL_SOCKET = "/run/airlock/pool.sock"
+POOL_FLAG = "--pool"
+MAX_CONFIG = 16 << 20  # bytes: a claim's configuration is a few kilobytes
 DEADMAN_EXIT = 125
 _BUF = 65536
 
@@ -229,10 +235,50 @@ class Control:
         threading.Thread(target=run, daemon=True).start()
 
 
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        data = sock.recv(min(n, _BUF))
+        if not data:
+            raise EOFError
+        chunks.append(data)
+        n -= len(data)
+    return b"".join(chunks)
+
+
+def wait_for_claim(path: str = POOL_SOCKET) -> dict:
+    """A pooled sandbox: say "warm" to the pool, then block until a run claims it.
+
+    Until then the sandbox holds nothing of any run: no configuration, no sockets but
+    this one, no environment beyond the image's. The claim is the run's configuration,
+    a 4-byte big-endian length and the marshal bytes; the pool's connection closing
+    first means the pool is gone, and so is the sandbox. The self-test module is
+    imported now, while nobody waits, and run after the claim, for that run.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import selftest  # noqa: F401  (imported ahead: the claim runs it)
+
+    sock.sendall(b'{"type":"warm"}\n')
+    try:
+        size = int.from_bytes(_recv_exact(sock, 4), "big")
+        if size > MAX_CONFIG:
+            raise EOFError
+        cfg = marshal.loads(_recv_exact(sock, size))
+    except (EOFError, OSError, ValueError):
+        os._exit(DEADMAN_EXIT)
+    sock.close()
+    return cfg
+
+
 def main(argv: list[str]) -> int:
     _protect_self()
-    with open(argv[1] if len(argv) > 1 else CONFIG_PATH, "rb") as fh:
-        cfg = marshal.load(fh)
+    if len(argv) > 1 and argv[1] == POOL_FLAG:
+        cfg = wait_for_claim()
+    else:
+        with open(argv[1] if len(argv) > 1 else CONFIG_PATH, "rb") as fh:
+            cfg = marshal.load(fh)
     listeners = start_bridges(cfg.get("bridges") or [])
     control = Control(cfg.get("control"))
     control.send(type="shim.ready", ts=time.time(), pid=os.getpid())
