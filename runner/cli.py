@@ -288,12 +288,14 @@ def conformance(
     runtime: Annotated[str | None, typer.Option(help="runc or runsc (overrides the policy's).")] = None,
     only: Annotated[list[str] | None, typer.Option("--only", help="Run only attacks whose id starts with this.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Results as JSON.")] = False,
+    pooled: Annotated[bool, typer.Option("--pooled", help="Run the attacks in sandboxes claimed from a warm pool.")] = False,
 ) -> None:
     """Run the shipped escape suite inside sandboxes under a policy; exit 1 on any escape."""
     from runner.conformance import run_suite
 
     try:
-        code = run_suite(policy, runtime=runtime, only=only or [], json_out=json_out)
+        code = run_suite(policy, runtime=runtime, only=only or [], json_out=json_out,
+                         pooled=pooled)
     except AirlockError as exc:
         _fail(exc)
     raise typer.Exit(code)

@@ -14,13 +14,13 @@ from runner.conformance.runner import AttackResult, Suite, SuiteReport, Weakenin
 
 
 def run_suite(policy_ref: str, *, runtime: str | None = None, only: list[str] | None = None,
-              json_out: bool = False) -> int:
+              json_out: bool = False, pooled: bool = False) -> int:
     """Run the suite under a preset or policy file, print the report, return the exit code."""
     from runner.conformance.table import print_report
     from runner.policy.loader import load_policy
 
     policy = load_policy(policy_ref).policy
-    report = Suite(policy, runtime=runtime).run(only or None)
+    report = Suite(policy, runtime=runtime, pooled=pooled).run(only or None)
     print_report(report, json_out=json_out)
     return report.exit_code
 

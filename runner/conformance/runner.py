@@ -47,13 +47,16 @@ from runner.agents.command import CommandAgent
 from runner.conformance.attacks import Attack, select
 from runner.conformance.canary import Canary, Decoy, EchoUpstream
 from runner.conformance.engine import CreateHook, RecordingEngine
+from runner.engines import Engine
 from runner.errors import AirlockError, NotReady
 from runner.events.verify import verify_log
+from runner.images.build import image_tag
 from runner.policy.compile import RUN_DIR_IN_SANDBOX
 from runner.policy.loader import policy_from_dict
 from runner.policy.models import Policy
 from runner.run.hostaddrs import host_addresses
-from runner.run.orchestrator import Run, RunOptions
+from runner.run.orchestrator import Run, RunOptions, with_agent_tmpfs
+from runner.run.pool import Pool, Recipe
 from runner.run.report import RunResult
 from runner.run.wiring import PORTS
 
@@ -324,8 +327,12 @@ def _proxy_guard(ctx: Context) -> Iterator[None]:
 
 class Suite:
     def __init__(self, policy: Policy, *, runtime: str | None = None,
-                 weakening: Weakening | None = None, client: Any = None) -> None:
+                 weakening: Weakening | None = None, client: Any = None,
+                 pooled: bool = False) -> None:
         self.base = policy
+        # Each batch without a workspace runs in a sandbox claimed from a warm pool
+        # (started before the run existed), as pooled runs of the service do.
+        self.pooled = pooled
         self.runtime = runtime or policy.process.runtime
         if self.runtime not in ("runc", "runsc"):
             raise NotReady(f"unknown runtime {self.runtime!r} (runc, runsc)")
@@ -414,6 +421,7 @@ class Suite:
                 for raw in lines:
                     self._take(out, raw)
 
+        stack = contextlib.ExitStack()
         try:
             policy = self.batch_policy(ctx, batch, attacks)
             cfg = self.probe_config(ctx, batch, attacks, policy)
@@ -423,11 +431,14 @@ class Suite:
             elif batch == "main" and self.weakening is not None and self.weakening.workspace:
                 workspace = self.weakening.workspace(ctx)
             engine = self._engine(ctx)
+            pool = self._warm_pool(engine, policy) if self.pooled and workspace is None else None
+            if pool is not None:
+                stack.callback(pool.close)
             run = Run(RunOptions(policy=policy, agent=CommandAgent(), task=["true"],
                                  workspace=workspace, engine=engine,
                                  runs_dir=ctx.runs_dir, on_output=on_output,
                                  listeners=[self._output_watchdog(ctx, out, engine)],
-                                 host_addresses=ctx.host_addrs))
+                                 host_addresses=ctx.host_addrs, pool=pool))
             out.run_id, out.run_dir = run.run_id, run.dir
             cfg["runs_paths"].append(str(run.dir))
             run.o.task = ["python3", "-I", "-c", PROBE_SOURCE_PATH.read_text(), json.dumps(cfg)]
@@ -442,8 +453,22 @@ class Suite:
             out.error = str(exc)
         except Exception as exc:
             out.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            stack.close()
         out.seconds = round(time.monotonic() - t0, 2)
         return out
+
+    @staticmethod
+    def _warm_pool(engine: Engine, policy: Policy) -> Pool:
+        """A pool holding one warm sandbox of exactly this batch's boundary."""
+        agent = CommandAgent()
+        recipe = Recipe(with_agent_tmpfs(policy, agent), image_tag(agent.image))
+        pool = Pool(engine, max_total=1)
+        pool.add(recipe, 1)
+        if not pool.wait_ready(recipe, 1, timeout=120):
+            pool.close()
+            raise NotReady("no pooled sandbox got warm for the suite")
+        return pool
 
     @staticmethod
     def _output_watchdog(ctx: Context, out: Outcome, engine: RecordingEngine
@@ -553,7 +578,8 @@ class Suite:
             ctx.close()
         runs = {b: {"run_id": o.run_id, "status": o.result.status if o.result else "error",
                     "exit_code": o.result.exit_code if o.result else None,
-                    "seconds": o.seconds, "error": o.error}
+                    "seconds": o.seconds, "error": o.error,
+                    "pooled": any(e.get("type") == "sandbox.claimed" for e in o.events)}
                 for b, o in outcomes.items()}
         return SuiteReport(policy=self.base.name or "policy", runtime=self.runtime,
                            results=results, duration_s=round(time.monotonic() - t0, 2),

@@ -1,0 +1,189 @@
+"""Warm pools: started sandboxes that hold nothing of a run until one claims them.
+
+Every test runs real sandboxes on the real engine. What must hold with pools on:
+a sandbox serves one run and is removed; a run sees its own sockets, environment and
+files only, never an earlier run's or the warm-up's; the pool refills; a dead pool's
+sandboxes end by themselves and `airlock gc` removes them; the escape suite passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner import Pool, execute, load_policy
+from runner.agents import get_agent
+from runner.conformance import ATTACKS, Suite
+from runner.engines import get_engine
+from runner.images.build import image_tag
+from runner.policy.loader import policy_from_dict
+from runner.run.orchestrator import with_agent_tmpfs
+from runner.run.pool import LABEL_POOL, Recipe
+from tests.conftest import RUNTIMES, wait_for
+
+PRESET = {"runc": "default", "runsc": "strict"}
+
+
+def recipe_for(policy, agent: str = "command") -> Recipe:
+    a = get_agent(agent)
+    return Recipe(with_agent_tmpfs(policy, a), image_tag(a.image))
+
+
+def events(result) -> list[dict]:
+    return [json.loads(x) for x in (result.run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def stdout(result) -> str:
+    return "".join(e["data"]["text"] for e in events(result)
+                   if e["type"] == "agent.output" and e["data"]["stream"] == "stdout")
+
+
+def types(result) -> list[str]:
+    return [e["type"] for e in events(result)]
+
+
+@pytest.fixture
+def pool(engine):
+    with Pool(get_engine(), max_total=3) as p:
+        yield p
+
+
+def _pool_containers(docker_client, key: str) -> list:
+    return docker_client.containers.list(all=True, filters={"label": f"{LABEL_POOL}={key[:16]}"})
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_pooled_sandbox_serves_one_run_and_holds_nothing_before(engine, pool, tmp_path, runtime):
+    policy = load_policy(PRESET[runtime])
+    recipe = recipe_for(policy)
+    pool.add(recipe, 1)
+    assert pool.wait_ready(recipe, 1, timeout=120)
+
+    # Before the claim: no run id, no run's socket, nothing in its environment.
+    (warm,) = [c for c in _pool_containers(engine, recipe.key) if c.status == "running"]
+    assert warm.labels["airlock.run"].startswith("pool-")
+    image_env = set(engine.images.get(recipe.image).attrs["Config"]["Env"] or [])
+    assert set(warm.attrs["Config"]["Env"]) - image_env <= {"HOME=/home/airlock", "LANG=C.UTF-8"}
+    assert warm.attrs["Config"]["Cmd"][-1] == "--pool"
+    run_dir = next(m["Source"] for m in warm.attrs["Mounts"] if m["Destination"] == "/run/airlock")
+    assert os.listdir(run_dir) == []  # pool.sock is gone once the shim holds its connection
+
+    # Listings by python3, not ls: Debian 12's runsc answers coreutils' statx with EINVAL.
+    script = ("echo id=$AIRLOCK_RUN_ID; echo secret=${FIRST_SECRET:-none}; "
+              "python3 -c 'import os; print(sorted(os.listdir(\"/run/airlock\")))'; "
+              "cat /tmp/marker $HOME/marker 2>&1; echo mine > /tmp/marker; echo mine > $HOME/marker; "
+              "true")
+    first_policy = policy_from_dict({**policy.model_dump(mode="json"),
+                                     "env": {"allow": [], "set": {"FIRST_SECRET": "s3cr3t"}}})
+    assert recipe_for(first_policy).key == recipe.key  # the environment is not the boundary
+    first = execute(["sh", "-c", script], agent="command", policy=first_policy, pool=pool,
+                    runs_dir=tmp_path)
+    assert first.exit_code == 0, stdout(first)
+    assert "sandbox.claimed" in types(first) and "sandbox.created" not in types(first)
+    out = stdout(first)
+    assert f"id={first.run_id}" in out and "secret=s3cr3t" in out
+    assert "pool.sock" not in out and "shim.cfg" not in out and "control.sock" in out
+    selftest = next(e for e in events(first) if e["type"] == "selftest")
+    assert selftest["data"]["ok"], selftest  # checked for this run, after the claim
+    claimed = next(e for e in events(first) if e["type"] == "sandbox.claimed")["data"]["container"]
+    # Used once: removed with its run.
+    assert wait_for(lambda: not engine.containers.list(all=True, filters={"id": claimed}), 30)
+
+    assert pool.wait_ready(recipe, 1, timeout=120)  # refilled
+    second = execute(["sh", "-c", script], agent="command", policy=policy, pool=pool,
+                     runs_dir=tmp_path)
+    out2 = stdout(second)
+    assert "sandbox.claimed" in types(second)
+    assert next(e for e in events(second)
+                if e["type"] == "sandbox.claimed")["data"]["container"] != claimed
+    assert "mine" not in out2 and "secret=none" in out2 and f"id={second.run_id}" in out2
+    assert out2.count("No such file") == 2
+    stats = pool.stats()
+    assert stats.claimed == 2 and stats.memory_bound <= 3 * policy.resources.memory
+
+
+def test_a_run_without_a_ready_sandbox_starts_cold_and_the_pool_learns(engine, pool, tmp_path):
+    policy = load_policy("default")
+    first = execute(["true"], agent="command", policy=policy, pool=pool, runs_dir=tmp_path)
+    assert first.exit_code == 0
+    assert "sandbox.created" in types(first)  # cold: nothing was warm
+    assert pool.wait_ready(recipe_for(policy), 1, timeout=120)  # learned from that demand
+    second = execute(["true"], agent="command", policy=policy, pool=pool, runs_dir=tmp_path)
+    assert "sandbox.claimed" in types(second)
+    assert pool.stats().missed == 1
+
+
+def test_runs_with_a_workspace_start_cold(engine, pool, tmp_path):
+    policy = load_policy("default")
+    pool.add(recipe_for(policy), 1)
+    assert pool.wait_ready(recipe_for(policy), 1, timeout=120)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "f.txt").write_text("hello")
+    r = execute(["cat", "/workspace/f.txt"], agent="command", policy=policy, pool=pool,
+                workspace=ws, runs_dir=tmp_path / "runs")
+    assert r.exit_code == 0 and "hello" in stdout(r)
+    assert "sandbox.created" in types(r)
+
+
+def test_a_different_boundary_never_gets_a_pooled_sandbox(engine, pool, tmp_path):
+    policy = load_policy("default")
+    pool.add(recipe_for(policy), 1)
+    assert pool.wait_ready(recipe_for(policy), 1, timeout=120)
+    tighter = policy_from_dict({**policy.model_dump(mode="json"),
+                                "resources": {**policy.resources.model_dump(mode="json"),
+                                              "memory": "256m"}})
+    assert recipe_for(tighter).key != recipe_for(policy).key
+    r = execute(["sh", "-c", "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/memory/memory.limit_in_bytes"
+                 " 2>/dev/null"], agent="command", policy=tighter, pool=pool, runs_dir=tmp_path)
+    assert "sandbox.created" in types(r)
+    assert str(256 << 20) in stdout(r)
+
+
+def test_a_killed_pool_leaves_nothing_after_gc(engine, tmp_path):
+    code = (
+        "import sys, time\n"
+        "from runner import Pool, load_policy\n"
+        "from runner.engines import get_engine\n"
+        "from tests.test_pools import recipe_for\n"
+        "pool = Pool(get_engine(), max_total=2)\n"
+        "r = recipe_for(load_policy('default'))\n"
+        "pool.add(r, 2)\n"
+        "assert pool.wait_ready(r, 2, timeout=120)\n"
+        "print(r.key, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=root, env={**os.environ, "AIRLOCK_NO_REAPER": "1"})
+    try:
+        key = proc.stdout.readline().strip()
+        assert key, "the pool did not get warm"
+        assert len([c for c in _pool_containers(engine, key) if c.status == "running"]) == 2
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # The pool connection was each shim's dead-man switch: the sandboxes end by themselves.
+    assert wait_for(lambda: all(c.status != "running" for c in _pool_containers(engine, key)), 30)
+    gc = subprocess.run([sys.executable, "-m", "runner.cli", "gc"], capture_output=True,
+                        text=True, cwd=root, timeout=120)
+    assert gc.returncode == 0, gc.stderr
+    assert _pool_containers(engine, key) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_the_escape_suite_passes_in_pooled_sandboxes(engine, runtime):
+    from tests.test_conformance import _check_no_escape
+
+    report = Suite(load_policy(PRESET[runtime]), runtime=runtime, pooled=True).run()
+    assert len(report.results) == len(ATTACKS)
+    _check_no_escape(report)
+    pooled = {batch for batch, run in report.runs.items() if run["pooled"]}
+    assert pooled == set(report.runs) - {"workspace"}, report.runs
