@@ -23,7 +23,7 @@ REFUSALS = ("provider.refused", "proxy.refused", "mcp.refused", "control.refused
 SHOWN = ("budget.exceeded", "policy.widened", "workspace.patch", "workspace.writable",
          "selftest", "agent.step", "agent.tool_call", "agent.command", "agent.mcp_call",
          "agent.file_change", "agent.message", "agent.error", "mcp.call", "proxy.allowed",
-         "provider.request", "service.started")
+         "provider.request", "service.started", "disk.exceeded", "workspace.left_out")
 STATUS_COUNTERS = (("steps", "steps"), ("tokens", "tokens"), ("requests", "requests"),
                    ("mcp_calls", "mcp"))
 
@@ -67,6 +67,11 @@ def event_line(event: Event) -> str | None:
     if t == "agent.message" and d.get("text"):
         text = " ".join(str(d["text"]).split())
         return f"agent says: {text[:500]}{'...' if len(text) > 500 else ''}"
+    if t == "workspace.left_out":
+        # The paths are the agent's to choose: they stay in the record, off the console.
+        why = sorted({str(f.get("reason")) for f in d.get("files", []) if isinstance(f, dict)})
+        return (f"host: {d.get('count')} changed file(s) left out of the patch "
+                f"({', '.join(why)}); see report.json")
     if t == "mcp.call":
         return f"mcp {d.get('tool')} {'ok' if d.get('ok') else 'error'} ({d.get('duration_ms')} ms)"
     skip = {"checks", "raw", "text"}

@@ -66,6 +66,28 @@ class FilesystemPolicy(Strict):
         description="ro: read-only bind; copy: a private writable copy returned as a patch; "
         "rw: the host directory itself, writable (widens the boundary).",
     )
+    copy_size: Size = Field(
+        1 << 30,
+        description="copy mode: size of the tmpfs that holds the workspace copy (the host's "
+        "memory; the agent's own writes also count against resources.memory). A workspace "
+        "larger than this is refused; the agent gets ENOSPC past it and the run ends "
+        "(reason disk).",
+    )
+    copy_files: int = Field(
+        100_000, ge=16, le=10_000_000,
+        description="copy mode: files, directories and links the copy may hold (its tmpfs "
+        "inodes, which cost kernel memory beyond copy_size).",
+    )
+    patch_size: Size = Field(
+        32 << 20,
+        description="copy mode: cap on changes.patch. Changes that do not fit are listed "
+        "(report.json, a workspace.left_out event), not diffed; the run ends with reason disk.",
+    )
+    patch_file_size: Size = Field(
+        8 << 20,
+        description="copy mode: a changed file larger than this (its apparent size: sparse "
+        "files count in full) is listed as left out instead of diffed.",
+    )
 
     @field_validator("tmpfs")
     @classmethod
@@ -77,6 +99,13 @@ class FilesystemPolicy(Strict):
                 raise ValueError(f"tmpfs cannot be mounted over {path}")
             if size <= 0:
                 raise ValueError(f"tmpfs {path} needs a size above 0")
+        return v
+
+    @field_validator("copy_size", "patch_size", "patch_file_size")
+    @classmethod
+    def _disk_caps(cls, v: int) -> int:
+        if v < 1 << 20:
+            raise ValueError("a workspace copy or patch cap below 1m is too small to be useful")
         return v
 
     @model_validator(mode="after")

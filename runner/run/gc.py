@@ -16,6 +16,7 @@ from pathlib import Path
 
 from runner.engines import Engine
 from runner.run.owner import owner_alive
+from runner.run.workspace import leftover_mounts, unmount
 
 SCRATCH_PREFIX = "airlock-run-"
 OWNER_FILE = "owner"
@@ -38,6 +39,7 @@ def collect(engine: Engine | None, *, include_live: bool = False) -> GcReport:
                 removed.append(f"{obj.kind} {obj.id[:12]} (run {obj.run_id})")
             else:
                 kept += 1
+    dead_mounts = leftover_mounts(SCRATCH_PREFIX)
     for scratch in Path(tempfile.gettempdir()).glob(SCRATCH_PREFIX + "*"):
         try:
             owner = (scratch / OWNER_FILE).read_text().strip()
@@ -51,6 +53,11 @@ def collect(engine: Engine | None, *, include_live: bool = False) -> GcReport:
                 if time.time() - scratch.stat().st_mtime < FRESH_SECONDS:
                     continue
         if include_live or not owner_alive(owner):
+            # A dead run's workspace copy is still mounted: detach it first, or its
+            # memory stays held and the directory cannot go.
+            for mount in dead_mounts:
+                if mount.parent == scratch:
+                    unmount(mount)
             shutil.rmtree(scratch, ignore_errors=True)
             removed.append(f"directory {scratch}")
     return GcReport(removed, kept)

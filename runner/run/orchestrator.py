@@ -39,6 +39,8 @@ from runner.run.services import ServiceHost
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_EVENT_CAP = 8192  # bytes of output text carried by one agent.output event
+COPY_POLL = 0.5  # seconds between looks at how full the workspace copy is
+LEFT_OUT_IN_EVENT = 100  # left-out files named in the event (report.json lists up to 1000)
 
 
 def with_agent_tmpfs(policy: Policy, agent: Agent) -> Policy:
@@ -95,13 +97,14 @@ class Run:
             self.log, self._on_budget,
         )
         self._sandbox: Sandbox | None = None
-        self._end_reason: str | None = None  # budget | timeout | interrupted
+        self._end_reason: str | None = None  # budget | timeout | interrupted | disk
         self._lock = threading.Lock()
         self._agent_started: float | None = None
         self._agent_ended: float | None = None
         self._refused: list[dict[str, Any]] = []
         self.log.subscribe(self._note_refusal)
         self._selftest: dict[str, Any] | None = None
+        self._disk_noted = False
         self._agent_exit: int | None = None
         self.result_value: Any = None
         self.gateway: Any = None
@@ -172,6 +175,7 @@ class Run:
         exit_code: int = ExitCode.AGENT_FAILED
         status, reason = "error", "error"
         patch_text = ""
+        left_out: dict[str, Any] | None = None
         image = ""
         image_digest: str | None = None
         error: str | None = None
@@ -189,8 +193,13 @@ class Run:
                 scratch, run_dir, etc = make_scratch()
 
             uid, _, gid = p.process.user.partition(":")
-            prepared = ws_mod.prepare(self.o.workspace, p.filesystem.workspace, scratch,
-                                      int(uid), int(gid or uid))
+            fs = p.filesystem
+            prepared = ws_mod.prepare(self.o.workspace, fs.workspace, scratch,
+                                      int(uid), int(gid or uid),
+                                      ws_mod.CopyLimits(fs.copy_size, fs.copy_files))
+            if prepared.copy is not None:
+                self.log.emit("workspace.copy", "host", size_cap=fs.copy_size,
+                              files_cap=fs.copy_files)
             if prepared.writable and prepared.copy is None:
                 self.log.emit("workspace.writable", "host", path=str(prepared.origin))
 
@@ -233,7 +242,15 @@ class Run:
                 image_digest = sandbox.image_id
                 self.log.emit("sandbox.created", "host", container=sandbox.id[:12], image=image,
                               image_digest=image_digest, runtime=spec.runtime)
-            code, oom = self._run_sandbox(sandbox, warm, shim_bytes)
+            watching = threading.Event()
+            if prepared.copy is not None:
+                threading.Thread(target=self._watch_copy, args=(prepared, watching),
+                                 daemon=True, name="airlock-copy-watch").start()
+            try:
+                code, oom = self._run_sandbox(sandbox, warm, shim_bytes)
+            finally:
+                watching.set()
+            self._copy_full(prepared)
             exit_code, status, reason = self._classify(agent, code, oom)
         except KeyboardInterrupt:
             self._end("interrupted")
@@ -252,18 +269,17 @@ class Run:
             self._teardown(control, services)
             if prepared is not None and prepared.copy is not None:
                 try:
-                    patch_text = ws_mod.patch(prepared)
-                except AirlockError as exc:
-                    self.log.emit("workspace.patch_failed", "host", error=str(exc))
-                if patch_text:
-                    (self.dir / "changes.patch").write_text(patch_text, errors="surrogateescape")
-                    self.log.emit("workspace.patch", "host", bytes=len(patch_text),
-                                  path=str(self.dir / "changes.patch"))
+                    patch_text, left_out = self._patch(prepared)
+                finally:
+                    ws_mod.unmount(prepared.copy)
             if warm is not None:
                 with contextlib.suppress(OSError):
                     warm.feed.close()
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
+        if self._end_reason == "disk" and reason in ("command", "agent", "error"):
+            # The agent's own ending does not hide that a cap cut its workspace short.
+            exit_code, status, reason = ExitCode.BUDGET_EXCEEDED, "budget_exceeded", "disk"
 
         result = RunResult(
             run_id=self.run_id,
@@ -282,6 +298,7 @@ class Run:
             image_digest=image_digest,
             error=error,
             patch=patch_text or None,
+            left_out=left_out,
             selftest=self._selftest,
             result=self.result_value,
         )
@@ -292,6 +309,61 @@ class Run:
         self.log.close()
         write_report(result)
         return result
+
+    # -- the workspace copy's caps --------------------------------------------------------
+
+    def _watch_copy(self, ws: ws_mod.PreparedWorkspace, done: threading.Event) -> None:
+        """End the run when the agent fills its copy: past the cap it only gets ENOSPC."""
+        while not done.wait(COPY_POLL):
+            if self._copy_full(ws):
+                return
+
+    def _copy_full(self, ws: ws_mod.PreparedWorkspace) -> bool:
+        free = ws_mod.usage(ws)
+        if free is None or ws.limits is None:
+            return False
+        space, inodes = free
+        if space >= ws_mod.PAGE and inodes > 0:
+            return False
+        with self._lock:
+            if self._disk_noted:
+                return True
+            self._disk_noted = True
+        what = "copy_size" if space < ws_mod.PAGE else "copy_files"
+        self.log.emit("disk.exceeded", "host", cap=what,
+                      limit=ws.limits.size if what == "copy_size" else ws.limits.files)
+        self._end("disk")
+        return True
+
+    def _patch(self, ws: ws_mod.PreparedWorkspace) -> tuple[str, dict[str, Any] | None]:
+        """Diff the copy within the policy's caps; record what was left out, and why."""
+        fs = self.policy.filesystem
+        try:
+            result = ws_mod.patch(ws, ws_mod.PatchLimits(fs.patch_size, fs.patch_file_size))
+        except AirlockError as exc:
+            self.log.emit("workspace.patch_failed", "host", error=str(exc))
+            return "", None
+        except OSError as exc:
+            self.log.emit("workspace.patch_failed", "host", error=str(exc)[:300])
+            return "", None
+        if result.text:
+            path = self.dir / "changes.patch"
+            path.write_text(result.text, errors="surrogateescape")
+            self.log.emit("workspace.patch", "host", bytes=len(result.text), files=result.files,
+                          path=str(path))
+        if not result.left_out_count:
+            return result.text, None
+        left_out = {"count": result.left_out_count, "files": result.left_out}
+        self.log.emit("workspace.left_out", "host", count=result.left_out_count,
+                      files=result.left_out[:LEFT_OUT_IN_EVENT])
+        caps = sorted({str(f["reason"]) for f in result.left_out})
+        with self._lock:
+            noted, self._disk_noted = self._disk_noted, True
+            if self._end_reason is None:
+                self._end_reason = "disk"
+        if not noted:
+            self.log.emit("disk.exceeded", "host", cap="patch", reasons=caps)
+        return result.text, left_out
 
     def _durations(self, t0: float) -> dict[str, float | None]:
         def span(a: float | None, b: float | None) -> float | None:
@@ -338,6 +410,8 @@ class Run:
 
     def _classify(self, agent: Agent, code: int, oom: bool) -> tuple[int, str, str]:
         reason = self._end_reason
+        if reason == "disk":
+            return ExitCode.BUDGET_EXCEEDED, "budget_exceeded", "disk"
         if reason == "budget":
             return ExitCode.BUDGET_EXCEEDED, "budget_exceeded", "budget"
         if reason == "timeout":

@@ -14,7 +14,8 @@ class RunResult:
     run_dir: Path
     status: str  # succeeded | failed | budget_exceeded | timeout | oom | interrupted | not_ready | error
     exit_code: int
-    exit_reason: str  # command | agent | budget | wall_time | oom | interrupted | selftest | sandbox | error
+    # command | agent | budget | wall_time | oom | interrupted | selftest | sandbox | disk | error
+    exit_reason: str
     agent: str
     policy: str | None
     policy_digest: str
@@ -26,6 +27,8 @@ class RunResult:
     image_digest: str | None = None
     error: str | None = None
     patch: str | None = None
+    # Changes not in the patch: {"count": n, "files": [{"path", "reason", "size"}, ...]}
+    left_out: dict[str, Any] | None = None
     selftest: dict[str, Any] | None = None
     result: Any = None
     events: int = 0

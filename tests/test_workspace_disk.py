@@ -1,0 +1,234 @@
+"""The copy workspace and its patch against a hostile agent, from inside real sandboxes.
+
+Each attack runs as the agent would run it; the assertions look at what the host paid
+(memory of the whole `airlock` process tree, the run directory on disk, the time of the
+patch step) and at what came back (the small legitimate change in the patch, the big
+files listed, the exit reason).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.run.gc import SCRATCH_PREFIX
+from runner.run.workspace import leftover_mounts
+from tests.conftest import AIRLOCK, ROOT, RUNTIMES, write_policy
+
+pytestmark = pytest.mark.usefixtures("engine")
+
+MiB = 1 << 20
+
+
+def run_measured(runs_dir: Path, *args: str, timeout: float = 300) -> tuple[int, str, str, Path, int]:
+    """Run the CLI; return code, stdout, stderr, run dir and the peak RSS in bytes of the
+    CLI and every process it waited for (git included)."""
+    env = {**os.environ, "AIRLOCK_RUNS_DIR": str(runs_dir)}
+    before = set(os.listdir(runs_dir)) if runs_dir.exists() else set()
+    with open(runs_dir.parent / "out.txt", "w+b") as out, open(runs_dir.parent / "err.txt", "w+b") as err:
+        proc = subprocess.Popen([*AIRLOCK, *args], stdout=out, stderr=err, env=env, cwd=ROOT)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            proc.returncode = 0  # reaped above
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    code = os.waitstatus_to_exitcode(status)
+    new = sorted(set(os.listdir(runs_dir)) - before)
+    assert new, stderr
+    return code, stdout, stderr, runs_dir / new[-1], usage.ru_maxrss * 1024
+
+
+def events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def of(evs: list[dict], kind: str) -> list[dict]:
+    return [e for e in evs if e["type"] == kind]
+
+
+def workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    (ws / "src").mkdir(parents=True)
+    (ws / "src" / "app.py").write_text("print('helo')\n")
+    (ws / "README").write_text("a small project\n")
+    return ws
+
+
+def applies(ws: Path, patch: str, tmp_path: Path) -> None:
+    """The patch applies to a fresh copy of the origin with git's own `apply`."""
+    target = tmp_path / "apply"
+    subprocess.run(["cp", "-a", str(ws), str(target)], check=True)
+    (tmp_path / "p.patch").write_text(patch)
+    subprocess.run(["git", "apply", "--check", "-p1", str(tmp_path / "p.patch")], cwd=target,
+                   check=True)
+
+
+def no_mount_left() -> None:
+    assert not leftover_mounts(SCRATCH_PREFIX)
+
+
+ATTACK = r"""
+import json, os, errno
+out = {}
+with open("/workspace/src/app.py", "w") as f:
+    f.write("print('hello')\n")
+# A sparse file far bigger than the copy: tmpfs holds it in no pages at all.
+with open("/workspace/sparse.img", "wb") as f:
+    f.truncate(3 << 30)
+    f.seek((3 << 30) - 1)
+    f.write(b"x")
+# A real file over the per-file diff limit.
+with open("/workspace/huge.bin", "wb") as f:
+    for _ in range(20):
+        f.write(os.urandom(1 << 20))
+out["sparse"] = os.stat("/workspace/sparse.img").st_size
+print(json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_sparse_and_huge_files_are_listed_and_the_small_change_comes_back(
+        runs_dir, tmp_path, runtime):
+    ws = workspace(tmp_path)
+    pol = write_policy(tmp_path, "filesystem: {workspace: copy, copy_size: 64m, "
+                                 "patch_file_size: 8m}\nnetwork: {mode: none}\n")
+    code, stdout, stderr, run_dir, peak = run_measured(
+        runs_dir, "run", "--quiet", "--policy", pol, "--runtime", runtime, "--workspace", str(ws),
+        "--", "python3", "-c", ATTACK)
+    assert json.loads(stdout.strip().splitlines()[-1])["sparse"] == 3 << 30, stderr
+    report = json.loads((run_dir / "report.json").read_text())
+    # The agent's command succeeded, but its workspace did not all come back: a cap.
+    assert (code, report["status"], report["exit_reason"]) == (4, "budget_exceeded", "disk"), stderr
+    left = {f["path"]: f for f in report["left_out"]["files"]}
+    assert set(left) == {"sparse.img", "huge.bin"}, report["left_out"]
+    assert left["sparse.img"]["reason"] == "file_size" and left["sparse.img"]["sparse"] is True
+    assert left["sparse.img"]["size"] == 3 << 30
+    assert left["huge.bin"]["reason"] == "file_size" and "sparse" not in left["huge.bin"]
+    patch = (run_dir / "changes.patch").read_text()
+    assert "-print('helo')" in patch and "+print('hello')" in patch
+    assert "sparse.img" not in patch and "huge.bin" not in patch
+    applies(ws, patch, tmp_path)
+    evs = events(run_dir)
+    assert of(evs, "workspace.left_out")[0]["data"]["count"] == 2
+    assert of(evs, "disk.exceeded")[0]["data"]["cap"] == "patch"
+    # The patch step read neither big file: it takes well under a second of the run's
+    # time and the host process tree (CLI, git) stays small; before, the sparse file
+    # alone cost seconds and gigabytes, then failed and lost the patch.
+    step = of(evs, "workspace.patch")[0]["ts"] - of(evs, "sandbox.exited")[0]["ts"]
+    print(f"\n{runtime}: patch step {step:.3f}s, peak RSS of the airlock tree {peak / MiB:.0f} MiB")
+    assert step < 5, step
+    assert peak < 400 * MiB, peak
+    on_disk = sum(p.stat().st_size for p in run_dir.iterdir())
+    assert on_disk < 1 * MiB, on_disk
+    no_mount_left()
+
+
+FILL = r"""
+import json, os, errno
+with open("/workspace/src/app.py", "w") as f:
+    f.write("print('hello')\n")
+out = {"written": 0}
+try:
+    with open("/workspace/fill.bin", "wb") as f:
+        for _ in range(100):
+            f.write(b"\0" * (1 << 20))
+            out["written"] += 1 << 20
+        f.flush()
+        os.fsync(f.fileno())
+except OSError as e:
+    out["error"] = errno.errorcode[e.errno]
+print(json.dumps(out), flush=True)
+import time; time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_writing_past_the_copy_cap_gets_enospc_and_ends_the_run(runs_dir, tmp_path, runtime):
+    ws = workspace(tmp_path)
+    pol = write_policy(tmp_path, "filesystem: {workspace: copy, copy_size: 16m}\n"
+                                 "network: {mode: none}\n")
+    code, stdout, stderr, run_dir, peak = run_measured(
+        runs_dir, "run", "--quiet", "--policy", pol, "--runtime", runtime, "--workspace", str(ws),
+        "--", "python3", "-c", FILL)
+    out = json.loads(stdout.strip().splitlines()[-1])
+    # Inside: the write fails for the right reason, at the cap (give or take the pages
+    # the seed copy and the file system's own bookkeeping take).
+    assert out["error"] == "ENOSPC", out
+    assert 12 * MiB <= out["written"] <= 16 * MiB, out
+    report = json.loads((run_dir / "report.json").read_text())
+    # The run ended at once (not after the agent's 30 s sleep), with the copy's cap named.
+    assert (code, report["exit_reason"]) == (4, "disk"), stderr
+    assert report["duration_s"] < 25, report["duration_s"]
+    evs = events(run_dir)
+    assert of(evs, "disk.exceeded")[0]["data"] == {"cap": "copy_size", "limit": 16 * MiB}
+    # What the agent changed before that is kept; the filler is too big to diff.
+    patch = (run_dir / "changes.patch").read_text()
+    assert "+print('hello')" in patch
+    assert [f["path"] for f in report["left_out"]["files"]] == ["fill.bin"]
+    assert not (ws / "fill.bin").exists()
+    assert peak < 400 * MiB, peak
+    no_mount_left()
+
+
+def test_a_workspace_larger_than_the_copy_cap_is_refused(airlock, tmp_path):
+    ws = workspace(tmp_path)
+    (ws / "data.bin").write_bytes(os.urandom(3 * MiB))
+    pol = write_policy(tmp_path, "filesystem: {workspace: copy, copy_size: 2m}\n"
+                                 "network: {mode: none}\n")
+    r = airlock("run", "--policy", pol, "--workspace", str(ws), "--", "true")
+    assert r.code == 2, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if "copy_size" in line]
+    assert len(lines) == 1, r.stderr
+    assert "needs 3.0 MiB" in lines[0] and "filesystem.copy_size 2.0 MiB" in lines[0], lines
+    assert not r.run_dir or not any(e["type"] == "sandbox.created" for e in
+                                    (json.loads(x) for x in
+                                     (r.run_dir / "events.jsonl").read_text().splitlines()))
+    # So is one with more files than copy_files allows.
+    for i in range(20):
+        (ws / f"f{i}").write_text("x")
+    pol = write_policy(tmp_path, "filesystem: {workspace: copy, copy_files: 16}\n"
+                                 "network: {mode: none}\n", name="files.yaml")
+    r = airlock("run", "--policy", pol, "--workspace", str(ws), "--", "true")
+    assert r.code == 2 and "filesystem.copy_files 16" in r.stderr, r.stderr
+    no_mount_left()
+
+
+MANY = r"""
+import os
+for i in range(3):
+    with open(f"/workspace/gen{i}.txt", "w") as f:
+        f.write("".join(f"line {i} {n}\n" for n in range(60000)))
+with open("/workspace/src/app.py", "w") as f:
+    f.write("print('hello')\n")
+"""
+
+
+def test_the_patch_stops_at_its_cap_and_lists_the_rest(runs_dir, tmp_path):
+    ws = workspace(tmp_path)
+    pol = write_policy(tmp_path, "filesystem: {workspace: copy, patch_size: 1m}\n"
+                                 "network: {mode: none}\n")
+    code, _, stderr, run_dir, _ = run_measured(
+        runs_dir, "run", "--quiet", "--policy", pol, "--workspace", str(ws), "--",
+        "python3", "-c", MANY)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert (code, report["exit_reason"]) == (4, "disk"), stderr
+    patch = (run_dir / "changes.patch").read_text()
+    assert len(patch) <= 1 * MiB
+    # Each generated file is ~0.8 MB of diff: one fits, two are listed; the small change
+    # after them in path order still comes back.
+    left = sorted(f["path"] for f in report["left_out"]["files"])
+    assert left == ["gen1.txt", "gen2.txt"], report["left_out"]
+    assert {f["reason"] for f in report["left_out"]["files"]} == {"patch_size"}
+    assert "b/gen0.txt" in patch and "+print('hello')" in patch
+    applies(ws, patch, tmp_path)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-v", "-s"]))
