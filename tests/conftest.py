@@ -95,6 +95,24 @@ def engine() -> Iterator[object]:
     yield docker.from_env()
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """A real PostgreSQL server for the session (Debian's, on a private socket)."""
+    from runner.testing.postgres import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database: a SQLite file, or a new database on the session's server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'airlock.db'}"
+    return request.getfixturevalue("postgres").create_database()
+
+
 class Canary(HostListener):
     """The host listener every network test starts: it must see no connection."""
 
