@@ -185,21 +185,27 @@ import json, sys, time
 from runner.service.store import open_store
 s = open_store(sys.argv[1])
 host = sys.argv[2]
-while time.time() < float(sys.argv[3]):
-    time.sleep(0.01)
+print("ready", flush=True)
+sys.stdin.readline()
 got = []
 while (r := s.claim_next(host, {}, {})) is not None:
     got.append(r.id)
+    time.sleep(0.01)  # a host starts the run it took before it takes another
 print(json.dumps(got))
 """
 
 
 def test_two_processes_never_claim_the_same_run(store, database_url: str) -> None:
     ids = {store.create_run(f"t{i % 3}", CMD, quota=Quota()).id for i in range(60)}
-    go = time.time() + 2
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, database_url, host, str(go)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, database_url, host],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
              for host in ("host-a", "host-b")]
+    for p in procs:
+        assert p.stdout.readline() == "ready\n", p.stderr.read()
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
     results = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
     a, b = (json.loads(out) for out, _ in results)

@@ -59,13 +59,14 @@ class PostgresServer:
         subprocess.run([*self._as, "mkdir", "-m", "0700", str(self.socket_dir)], check=True)
         # A test cluster: no fsync (its data dies with the test), sized for many
         # connections from the services and store processes the tests start.
-        self._proc = subprocess.Popen(
-            [*self._as, str(self.bindir / "postgres"), "-D", str(self.data),
-             "-k", str(self.socket_dir), "-p", str(PORT), "-c", "listen_addresses=",
-             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-             "-c", "max_connections=200", "-c", "shared_buffers=32MB"],
-            stdout=subprocess.DEVNULL, stderr=(self.root / "postgres.log").open("wb"),
-            start_new_session=True)
+        with (self.root / "postgres.log").open("wb") as errlog:
+            self._proc = subprocess.Popen(
+                [*self._as, str(self.bindir / "postgres"), "-D", str(self.data),
+                 "-k", str(self.socket_dir), "-p", str(PORT), "-c", "listen_addresses=",
+                 "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                 "-c", "max_connections=200", "-c", "shared_buffers=32MB"],
+                stdout=subprocess.DEVNULL, stderr=errlog,
+                start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:

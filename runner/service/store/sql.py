@@ -301,9 +301,10 @@ class SqlStore(Store):
                                    .where(r.c.status == "queued").group_by(r.c.tenant)).all())
             if not heads:
                 return None
-            running: dict[str, int] = dict(
-                c.execute(select(r.c.tenant, func.count())
-                          .where(r.c.status == "running").group_by(r.c.tenant)).tuples().all())
+            running: dict[str, int] = {
+                t: int(n) for t, n in c.execute(select(r.c.tenant, func.count())
+                                                .where(r.c.status == "running")
+                                                .group_by(r.c.tenant)).all()}
             vtimes = dict(c.execute(select(ts.c.tenant, ts.c.vtime)
                                     .where(ts.c.tenant.in_(list(heads)))).all())
             ranked = []
