@@ -65,7 +65,7 @@ def applies(ws: Path, patch: str, tmp_path: Path) -> None:
     """The patch applies to a fresh copy of the origin with git's own `apply`."""
     target = tmp_path / "apply"
     subprocess.run(["cp", "-a", str(ws), str(target)], check=True)
-    (tmp_path / "p.patch").write_text(patch)
+    (tmp_path / "p.patch").write_bytes(patch.encode("utf-8", "surrogateescape"))
     subprocess.run(["git", "apply", "--check", "-p1", str(tmp_path / "p.patch")], cwd=target,
                    check=True)
 
@@ -228,6 +228,30 @@ def test_the_patch_stops_at_its_cap_and_lists_the_rest(runs_dir, tmp_path):
     assert {f["reason"] for f in report["left_out"]["files"]} == {"patch_size"}
     assert "b/gen0.txt" in patch and "+print('hello')" in patch
     applies(ws, patch, tmp_path)
+
+
+LATIN = r"""
+with open("/workspace/latin1.txt", "wb") as f:
+    for n in range(60000):
+        f.write(b"caf\xe9 \xff\xfe line %d\n" % n)
+"""
+
+
+def test_a_patch_of_non_utf8_text_does_not_swell_the_report(runs_dir, tmp_path):
+    # JSON writes each byte that is not UTF-8 as a six-character escape: inline, a
+    # patch of such text would make report.json several times the patch cap.
+    ws = workspace(tmp_path)
+    pol = write_policy(tmp_path, "filesystem: {workspace: copy}\nnetwork: {mode: none}\n")
+    code, _, stderr, run_dir, _ = run_measured(
+        runs_dir, "run", "--quiet", "--policy", pol, "--workspace", str(ws), "--",
+        "python3", "-c", LATIN)
+    assert code == 0, stderr
+    patch = (run_dir / "changes.patch").read_bytes()
+    assert b"+caf\xe9 \xff\xfe line 59999" in patch and len(patch) > 1 * MiB
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["patch"] is None and report["patch_file"] == "changes.patch"
+    assert (run_dir / "report.json").stat().st_size < 64 * 1024
+    applies(ws, patch.decode("utf-8", "surrogateescape"), tmp_path)
 
 
 if __name__ == "__main__":  # pragma: no cover
