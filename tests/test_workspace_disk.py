@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from runner.run.gc import SCRATCH_PREFIX
 from runner.run.workspace import leftover_mounts
-from tests.conftest import AIRLOCK, ROOT, RUNTIMES, write_policy
+from tests.conftest import AIRLOCK, ROOT, RUNTIMES, wait_for, write_policy
 
 pytestmark = pytest.mark.usefixtures("engine")
 
@@ -252,6 +253,35 @@ def test_a_patch_of_non_utf8_text_does_not_swell_the_report(runs_dir, tmp_path):
     assert report["patch"] is None and report["patch_file"] == "changes.patch"
     assert (run_dir / "report.json").stat().st_size < 64 * 1024
     applies(ws, patch.decode("utf-8", "surrogateescape"), tmp_path)
+
+
+def test_kill_9_mid_run_leaves_no_copy_mounted(tmp_path):
+    # The reaper's gc detaches a dead run's copy: otherwise its memory stays held and
+    # its scratch directory cannot be removed.
+    ws = workspace(tmp_path)
+    pol = write_policy(tmp_path, "filesystem: {workspace: copy}\nnetwork: {mode: none}\n")
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([*AIRLOCK, "run", "--quiet", "--policy", pol, "--workspace", str(ws),
+                             "--", "sleep", "120"], cwd=ROOT,
+                            env={**os.environ, "AIRLOCK_RUNS_DIR": str(runs)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def owner(m: Path) -> str:
+        try:
+            return (m.parent / "owner").read_text()
+        except OSError:
+            return ""
+
+    def own_mounts() -> list[Path]:
+        return [m for m in leftover_mounts(SCRATCH_PREFIX) if f":{proc.pid}:" in owner(m)]
+
+    try:
+        assert wait_for(lambda: bool(own_mounts()), 60)
+        scratch = own_mounts()[0].parent
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert wait_for(lambda: not own_mounts() and not scratch.exists(), 30)
 
 
 if __name__ == "__main__":  # pragma: no cover
