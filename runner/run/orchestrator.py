@@ -32,7 +32,7 @@ from runner.policy.models import SANDBOX_HOME, WORKSPACE_PATH, Policy, widenings
 from runner.run import workspace as ws_mod
 from runner.run.control import ControlServer
 from runner.run.owner import owner_label
-from runner.run.pool import Pool, Recipe, WarmSandbox, make_scratch
+from runner.run.pool import Recipe, SandboxSource, WarmSandbox, make_scratch
 from runner.run.reaper import ensure_reaper, needs_gc
 from runner.run.report import RunResult, write_report
 from runner.run.services import ServiceHost
@@ -78,7 +78,7 @@ class RunOptions:
     on_output: Callable[[str, bytes], None] | None = None
     host_addresses: list[str] = field(default_factory=list)
     # Warm sandboxes to claim from (runs without a workspace); None: always cold.
-    pool: Pool | None = None
+    pool: SandboxSource | None = None
 
 
 class Run:
