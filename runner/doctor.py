@@ -7,6 +7,23 @@ from collections.abc import Callable
 
 from runner.errors import AirlockError, ExitCode
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from runner.engines import Engine
+
+
+def _pools(engine: Engine, ok: Callable[[str], None], bad: Callable[[str, str], None]) -> None:
+    """Warm pools' sandboxes: those of live pools, and any a dead pool left behind."""
+    from runner.run.gc import owner_of
+    from runner.run.owner import owner_alive
+
+    pooled = [o for o in engine.managed() if o.kind == "container" and o.run_id.startswith("pool-")]
+    dead = [o for o in pooled if not owner_alive(owner_of(o))]
+    if dead:
+        bad(f"{len(dead)} pooled sandbox(es) of a pool that is gone", "airlock gc")
+    ok(f"warm pools: {len(pooled) - len(dead)} pooled sandbox(es) held by live pools "
+       f"(AIRLOCK_POOL=0 turns the per-user server's pool off)")
+
 
 def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> int:
     from runner.engines.docker_engine import connect
@@ -53,6 +70,7 @@ def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> 
                 ok(f"image {tag}")
             else:
                 bad(f"image {tag} is not built", f"airlock images build {name}")
+        _pools(engine, ok, bad)
     except AirlockError as exc:
         bad(str(exc.message), exc.hint or "run `make engine`")
     usage = shutil.disk_usage("/var/lib/docker" if shutil.os.path.isdir("/var/lib/docker") else "/")  # type: ignore[attr-defined]

@@ -8,8 +8,10 @@ sandboxes end by themselves and `airlock gc` removes them; the escape suite pass
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -187,3 +189,76 @@ def test_the_escape_suite_passes_in_pooled_sandboxes(engine, runtime):
     _check_no_escape(report)
     pooled = {batch for batch, run in report.runs.items() if run["pooled"]}
     assert pooled == set(report.runs) - {"workspace"}, report.runs
+
+
+# -- the per-user server's pool --------------------------------------------------------
+
+
+def _pooled_runs(runs: Path) -> list[bool]:
+    out = []
+    for d in runs.iterdir():
+        evs = [json.loads(x) for x in (d / "events.jsonl").read_text().splitlines()]
+        out.append((evs[0]["ts"], any(e["type"] == "sandbox.claimed" for e in evs)))
+    return [claimed for _, claimed in sorted(out)]
+
+
+def test_airlock_run_through_the_server_claims_from_its_pool(engine, tmp_path):
+    from tests.test_serve import _start_server, _stop
+
+    served = _start_server(tmp_path, dict(os.environ))
+    try:
+        first = served.run("--quiet", "--", "sh", "-c", "echo one")
+        assert first.returncode == 0 and first.stdout == "one\n", first.stderr
+        keeper_log = served.log.read_text()
+        assert "pool: listening" in keeper_log
+        # The first run taught the keeper this boundary; the next one finds it warm.
+        assert wait_for(lambda: any(c.status == "running" for c in engine.containers.list(
+            filters={"label": LABEL_POOL})), 60)
+        second = served.run("--quiet", "--", "sh", "-c", "echo two; echo $AIRLOCK_RUN_ID")
+        assert second.returncode == 0 and second.stdout.startswith("two\n"), second.stderr
+        assert _pooled_runs(served.runs) == [False, True]
+        # Exit codes pass through a pooled run as through a cold one.
+        third = served.run("--", "sh", "-c", "exit 7")
+        assert third.returncode == 7
+    finally:
+        _stop(served)
+    # A server that stops takes its pool's unclaimed sandboxes with it.
+    assert wait_for(lambda: not engine.containers.list(
+        all=True, filters={"label": LABEL_POOL}), 60), engine.containers.list(
+        all=True, filters={"label": LABEL_POOL})
+
+
+def _keeper_pid(log: Path) -> int:
+    match = re.search(r"airlock serve\[(\d+)\] pool: listening", log.read_text())
+    assert match, log.read_text()
+    return int(match.group(1))
+
+
+def _of_pid(engine, pid: int) -> list:
+    return [c for c in engine.containers.list(all=True, filters={"label": LABEL_POOL})
+            if c.labels.get("airlock.owner", "").split(":")[1] == str(pid)]
+
+
+def test_a_killed_server_leaves_no_pooled_sandbox_after_gc(engine, tmp_path):
+    from tests.test_serve import _start_server
+
+    served = _start_server(tmp_path, dict(os.environ))
+    try:
+        assert wait_for(lambda: "pool: listening" in served.log.read_text(), 30)
+        keeper = _keeper_pid(served.log)
+        assert served.run("--quiet", "--", "true").returncode == 0
+        assert wait_for(lambda: any(c.status == "running" for c in _of_pid(engine, keeper)), 60)
+    finally:
+        # SIGKILL to the server and its keeper alike: nothing gets to clean up.
+        for pid in (served.proc.pid, keeper):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        served.proc.wait()
+    # The shims held the keeper's connections: they end by themselves...
+    assert wait_for(lambda: all(c.status != "running" for c in _of_pid(engine, keeper)), 30)
+    # ...and gc removes what is left.
+    root = Path(__file__).resolve().parent.parent
+    gc = subprocess.run([sys.executable, "-m", "runner.cli", "gc"], capture_output=True,
+                        text=True, cwd=root, timeout=120)
+    assert gc.returncode == 0, gc.stderr
+    assert _of_pid(engine, keeper) == []

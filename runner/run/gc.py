@@ -30,7 +30,7 @@ class GcReport:
     kept: int
 
 
-def _owner(obj: ManagedObject) -> str:
+def owner_of(obj: ManagedObject) -> str:
     """Whose an object is: a pooled sandbox's owner file, once a run claimed it, names
     the run's process; its label names the pool's, which may have handed it on."""
     if obj.scratch:
@@ -46,7 +46,7 @@ def collect(engine: Engine | None, *, include_live: bool = False) -> GcReport:
     kept = 0
     if engine is not None:
         for obj in engine.managed():
-            if include_live or not owner_alive(_owner(obj)):
+            if include_live or not owner_alive(owner_of(obj)):
                 engine.remove_object(obj)
                 removed.append(f"{obj.kind} {obj.id[:12]} (run {obj.run_id})")
             else:
