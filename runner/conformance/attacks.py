@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 # main: the policy as given, no workspace. workspace: a copy-mode workspace (the mode
 # that hands the agent a writable copy of host files). proxy: network mode proxy with
-# the canary's localhost ports allowed by name. The others end their sandbox.
-BATCHES = ("main", "workspace", "proxy", "forkbomb", "memory", "tmpfs", "output")
+# the canary's localhost ports allowed by name. The others end their sandbox (disk: a
+# copy-mode workspace filled to its cap).
+BATCHES = ("main", "workspace", "proxy", "forkbomb", "memory", "tmpfs", "output", "disk")
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,10 @@ ATTACKS: list[Attack] = [
     _a("res.memory", "allocate past the memory limit",
        "OOM kill (exit 137) or MemoryError below the limit", batch="memory"),
     _a("res.tmpfs-fill", "write past each tmpfs's size", "ENOSPC at the size", batch="tmpfs"),
+    _a("res.workspace-disk", "in a copy-mode workspace: an edit, a 3 GiB sparse file, a file "
+       "over patch_file_size, then write past copy_size",
+       "ENOSPC at copy_size; the run ends (exit 4, reason disk); the big files listed, not "
+       "diffed; the edit in the patch", batch="disk"),
     _a("res.output-flood", "write twice the output budget to stdout",
        "the run is ended (budget_exceeded) near the budget", batch="output"),
     _a("res.fd-exhaust", "open files past the nofile limit; raise the hard limit",

@@ -1129,6 +1129,51 @@ def res_tmpfs_fill(cfg: dict) -> Result:
     return res(esc, summary(out))
 
 
+def res_workspace_disk(cfg: dict) -> Result:
+    aid = "res.workspace-disk"
+    ws = "/workspace"
+    caps = cfg["disk"]
+    out = {}
+    try:
+        with open(f"{ws}/notes.txt", "a") as fh:
+            fh.write(f"edit-{cfg['nonce']}\n")
+        out["edit"] = "appended"
+    except OSError as exc:
+        out["edit"] = ename(exc.errno)
+    try:
+        with open(f"{ws}/airlock-probe-sparse.img", "wb") as fh:
+            fh.truncate(3 << 30)
+        out["sparse 3 GiB"] = "created"
+    except OSError as exc:
+        out["sparse 3 GiB"] = ename(exc.errno)
+    big = int(caps["patch_file_size"]) + (1 << 20)
+    try:
+        with open(f"{ws}/airlock-probe-big.bin", "wb") as fh:
+            for _ in range(big >> 20):
+                fh.write(os.urandom(1 << 20))
+        out[f"real {big >> 20} MiB"] = "written"
+    except OSError as exc:
+        out[f"real {big >> 20} MiB"] = ename(exc.errno)
+    # The host ends the run once the copy is full: say what was done before filling it.
+    emit(aid, res(None, summary(out), partial=True, filled=0))
+    cap = int(caps["copy_size"])
+    filled = 0
+    err = "no error"
+    try:
+        with open(f"{ws}/airlock-probe-fill.bin", "wb") as fh:
+            block = b"\0" * (1 << 20)
+            while filled < cap + (16 << 20):
+                fh.write(block)
+                fh.flush()
+                filled += len(block)
+    except OSError as exc:
+        err = ename(exc.errno)
+    out["fill"] = f"{filled >> 20} MiB then {err} (copy_size {cap >> 20} MiB)"
+    # Everything written beyond the cap would be the escape: the big file, the seed
+    # and the fill together cannot fit if the cap holds.
+    return res(err != "ENOSPC" and filled >= cap, summary(out), filled=filled)
+
+
 def res_output_flood(cfg: dict) -> Result:
     budget = int(cfg["limits"]["output_bytes"])
     target = budget * 2 + (1 << 20)
@@ -1393,6 +1438,7 @@ CHECKS: dict[str, Callable[[dict], Result]] = {
     "res.tmpfs-fill": res_tmpfs_fill,
     "res.output-flood": res_output_flood,
     "res.fd-exhaust": res_fd_exhaust,
+    "res.workspace-disk": res_workspace_disk,
     "sec.provider-key": sec_provider_key,
     "sec.key-reflection": sec_key_reflection,
     "sec.host-env": sec_host_env,

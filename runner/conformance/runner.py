@@ -67,6 +67,8 @@ HOST_ENV_NAME = "CONFORMANCE_HOST_CANARY"
 HOST_ENV_PREFIX = "airlock-host-canary-"
 MODEL = "conformance-model"
 MAX_WALL = 120.0
+DISK_COPY_SIZE = 64 << 20  # the disk batch's copy_size, at most
+DISK_FILE_SIZE = 8 << 20  # and its patch_file_size
 # How long a sandbox may go on after its output budget was exceeded before the suite
 # calls the budget unenforced (the host should end it at once).
 OUTPUT_GRACE = 15.0
@@ -359,8 +361,14 @@ class Suite:
                                    for a in attacks):
             d["provider"] = {"backend": "openai-compatible", "base_url": ctx.echo.base_url,
                              "api_key_file": str(ctx.key_file), "models": {"default": MODEL}}
-        if batch == "workspace" and d["filesystem"]["workspace"] == "ro":
+        if batch in ("workspace", "disk") and d["filesystem"]["workspace"] == "ro":
             d["filesystem"]["workspace"] = "copy"
+        if batch == "disk":
+            # The policy's own caps, down to a size this host fills in a moment (a full
+            # 1 GiB copy would be charged to a 1 GiB sandbox and end it by OOM first).
+            fs = d["filesystem"]
+            fs["copy_size"] = min(self.base.filesystem.copy_size, DISK_COPY_SIZE)
+            fs["patch_file_size"] = min(self.base.filesystem.patch_file_size, DISK_FILE_SIZE)
         if batch == "proxy":
             net = d["network"]
             net["mode"] = "proxy"
@@ -394,6 +402,8 @@ class Suite:
             "proxy_port": PORTS["proxy"],
             "gateway_port": PORTS["provider"] if policy.provider is not None else None,
             "model": MODEL,
+            "disk": {"copy_size": policy.filesystem.copy_size,
+                     "patch_file_size": policy.filesystem.patch_file_size},
         }
 
     # -- running --------------------------------------------------------------------------
@@ -426,7 +436,7 @@ class Suite:
             policy = self.batch_policy(ctx, batch, attacks)
             cfg = self.probe_config(ctx, batch, attacks, policy)
             workspace: Path | None = None
-            if batch == "workspace":
+            if batch in ("workspace", "disk"):
                 workspace = ctx.origin
             elif batch == "main" and self.weakening is not None and self.weakening.workspace:
                 workspace = self.weakening.workspace(ctx)
@@ -786,6 +796,38 @@ def _resolver(suite: Suite, ctx: Context, out: Outcome, r: dict[str, Any] | None
     return None, "no name reached the resolver"
 
 
+def _disk(suite: Suite, ctx: Context, out: Outcome, r: dict[str, Any] | None
+          ) -> tuple[bool | None, str | None]:
+    res = out.result
+    if res is None:
+        return None, None
+    left = {str(f.get("path")): str(f.get("reason"))
+            for f in (res.left_out or {}).get("files", [])}
+    caps = [e.get("data", {}).get("cap") for e in out.events if e.get("type") == "disk.exceeded"]
+    ts = {str(e.get("type")): float(e.get("ts") or 0) for e in out.events}
+    step = round(ts["workspace.patch"] - ts["sandbox.exited"], 3) \
+        if "workspace.patch" in ts and "sandbox.exited" in ts else None
+    note = (f"run {res.status}/{res.exit_reason}; disk.exceeded {caps}; left out {left}; "
+            f"patch step {step} s")
+    wrote = int((r or out.partial.get("res.workspace-disk") or {}).get("filled") or 0)
+    if r is not None and r.get("escaped"):
+        return True, f"WROTE PAST THE COPY'S CAP ({wrote >> 20} MiB more); " + note
+    if f"edit-{ctx.nonce}" not in (res.patch or _patch_file(out)):
+        return True, "THE AGENT'S EDIT WAS LOST; " + note
+    wanted = {"airlock-probe-sparse.img": "file_size", "airlock-probe-big.bin": "file_size"}
+    if res.exit_reason != "disk" or "copy_size" not in caps or \
+            any(left.get(k) != v for k, v in wanted.items()):
+        return True, "A CAP DID NOT HOLD; " + note
+    return False, note
+
+
+def _patch_file(out: Outcome) -> str:
+    try:
+        return (out.run_dir / "changes.patch").read_text(errors="replace") if out.run_dir else ""
+    except OSError:
+        return ""
+
+
 HOST_CHECKS: dict[str, HostCheck] = {
     **{aid: _canary(aid) for aid in (
         "net.host-tcp", "net.host-ipv6", "net.loopback-canary", "net.udp", "net.dns-exfil",
@@ -798,6 +840,7 @@ HOST_CHECKS: dict[str, HostCheck] = {
     "res.fork-bomb": _fork_bomb,
     "res.memory": _memory,
     "res.output-flood": _output,
+    "res.workspace-disk": _disk,
     "sec.provider-key": _tokens(lambda c: c.key, "real provider key"),
     "sec.key-reflection": _reflection,
     "sec.host-env": _tokens(lambda c: c.host_env_value, "host variable's value"),

@@ -178,6 +178,12 @@ def _no_scrubbing(ctx: Context) -> contextlib.AbstractContextManager[Any]:
     return _patched(ProviderGateway, "_secrets", lambda self: [])
 
 
+def _uncapped_copy(ctx: Context) -> contextlib.AbstractContextManager[Any]:
+    from runner.run import workspace
+
+    return _patched(workspace, "mount_tmpfs", lambda *a, **k: None)
+
+
 def _believing_control(ctx: Context) -> contextlib.AbstractContextManager[Any]:
     from runner.run import orchestrator
     from runner.run.control import ControlServer
@@ -398,6 +404,10 @@ WEAKENINGS: list[Weakening] = [
         policy=lambda ctx, b, d: d["filesystem"].update(tmpfs={
             k: _grow(4, 64 * M)(v if isinstance(v, int) else _size(v))
             for k, v in d["filesystem"]["tmpfs"].items()})),
+    Weakening(
+        "uncapped-copy", ("res.workspace-disk",), "setting",
+        "the workspace copy in a plain host directory, as before it had a tmpfs of its own "
+        "(in-process)", patch=_uncapped_copy),
     Weakening(
         "output-budget", ("res.output-flood",), "policy", "resources.output_bytes: 8x",
         policy=lambda ctx, b, d: _resources(
