@@ -21,6 +21,7 @@ BENCHES = {
     "gateway": ("bench_gateway.py", [], ["--requests", "100", "--stream-mb", "2"]),
     "concurrency": ("bench_concurrency.py", [], ["--sizes", "4"]),
     "events": ("bench_events.py", [], ["--events", "5000", "--rounds", "3"]),
+    "pool": ("bench_pool.py", [], ["-n", "5", "--burst", "8"]),
 }
 
 

@@ -13,10 +13,10 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 __all__ = ["Event", "Policy", "Pool", "RunHandle", "RunResult", "as_policy", "execute",
-           "load_policy", "start"]
+           "load_policy", "start", "warm_pool"]
 
 if TYPE_CHECKING:
-    from runner.api import RunHandle, as_policy, execute, load_policy, start
+    from runner.api import RunHandle, as_policy, execute, load_policy, start, warm_pool
     from runner.events.log import Event
     from runner.policy.models import Policy
     from runner.run.pool import Pool
@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 _WHERE = {
     "execute": "runner.api", "start": "runner.api", "load_policy": "runner.api",
-    "as_policy": "runner.api", "RunHandle": "runner.api", "Event": "runner.events.log",
+    "as_policy": "runner.api", "warm_pool": "runner.api", "RunHandle": "runner.api",
+    "Event": "runner.events.log",
     "Policy": "runner.policy.models", "Pool": "runner.run.pool", "RunResult": "runner.run.report",
 }
 

@@ -84,6 +84,26 @@ def execute(task: str | Sequence[str], *, agent: str = "builtin", policy: Policy
                          on_output=on_output, pool=pool))
 
 
+def warm_pool(policy: PolicyLike = "default", *, agent: str = "command", size: int = 1,
+              max_total: int | None = None, wait: bool = False, timeout: float = 120.0) -> Pool:
+    """A `Pool` keeping `size` started sandboxes of this policy's and agent's boundary;
+    pass it to `execute(..., pool=...)` or `start(..., pool=...)`. Runs of other
+    boundaries that use it teach it theirs. With `wait`, returns once they are ready."""
+    from runner.engines import get_engine
+    from runner.images.build import image_tag
+    from runner.run.orchestrator import with_agent_tmpfs
+    from runner.run.pool import Recipe
+
+    a = get_agent(agent)
+    recipe = Recipe(with_agent_tmpfs(as_policy(policy), a), image_tag(a.image))
+    pool = Pool(get_engine(), max_total=max(size, max_total or size))
+    pool.add(recipe, size)
+    if wait and not pool.wait_ready(recipe, size, timeout=timeout):
+        pool.close()
+        raise TimeoutError(f"the pool's sandboxes were not ready within {timeout:.0f} s")
+    return pool
+
+
 class RunHandle:
     """A run in a background thread whose events can be iterated as they happen."""
 

@@ -262,3 +262,17 @@ def test_a_killed_server_leaves_no_pooled_sandbox_after_gc(engine, tmp_path):
                         text=True, cwd=root, timeout=120)
     assert gc.returncode == 0, gc.stderr
     assert _of_pid(engine, keeper) == []
+
+
+def test_readme_pool_example_runs_as_written(engine, tmp_path):
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = text.split("### Warm pools", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=300,
+                         env={**os.environ, "AIRLOCK_RUNS_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("succeeded") == 3
+    claimed = 0
+    for d in tmp_path.iterdir():
+        claimed += '"sandbox.claimed"' in (d / "events.jsonl").read_text()
+    assert claimed >= 2  # two were ready before the first run
