@@ -201,6 +201,25 @@ def test_a_workspace_larger_than_the_copy_cap_is_refused(airlock, tmp_path):
     no_mount_left()
 
 
+def test_copy_mode_without_the_right_to_mount_is_not_ready(airlock, tmp_path):
+    # Without CAP_SYS_ADMIN (a non-root user, or root without it) the copy cannot get
+    # its size-capped file system: the run must stop, not fall back to an uncapped one.
+    ws = workspace(tmp_path)
+    pol = write_policy(tmp_path, "filesystem: {workspace: copy}\nnetwork: {mode: none}\n")
+    runs = tmp_path / "runs"
+    proc = subprocess.run(["setpriv", "--bounding-set", "-sys_admin", *AIRLOCK, "run",
+                           "--policy", pol, "--workspace", str(ws), "--", "true"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "AIRLOCK_RUNS_DIR": str(runs)})
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    assert "copy mode needs a size-capped filesystem" in proc.stderr, proc.stderr
+    assert "Operation not permitted" in proc.stderr, proc.stderr
+    run_dir = next(runs.iterdir())
+    assert not any(json.loads(x)["type"] == "sandbox.created"
+                   for x in (run_dir / "events.jsonl").read_text().splitlines())
+    no_mount_left()
+
+
 MANY = r"""
 import os
 for i in range(3):
