@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from runner.run.gc import SCRATCH_PREFIX
+from runner.run.owner import owner_alive
 from runner.run.workspace import leftover_mounts
 from tests.conftest import AIRLOCK, ROOT, RUNTIMES, wait_for, write_policy
 
@@ -72,7 +73,15 @@ def applies(ws: Path, patch: str, tmp_path: Path) -> None:
 
 
 def no_mount_left() -> None:
-    assert not leftover_mounts(SCRATCH_PREFIX)
+    """No copy is still mounted for a process that has ended (other engineers' live runs
+    on this engine may hold theirs)."""
+    def owner(m: Path) -> str:
+        try:
+            return (m.parent / "owner").read_text().strip()
+        except OSError:
+            return ""
+
+    assert not [m for m in leftover_mounts(SCRATCH_PREFIX) if not owner_alive(owner(m))]
 
 
 ATTACK = r"""

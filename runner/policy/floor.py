@@ -241,6 +241,7 @@ RULES: dict[str, Rule] = {
     "resources.pids": _more,
     "resources.wall_time": _more,
     "resources.output_bytes": _more,
+    "resources.log_bytes": _more,
     "resources.nofile": _more,
     "env.allow": _subset,
     "env.set": _free,  # fixed values written in the policy: nothing of the host's
