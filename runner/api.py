@@ -21,14 +21,15 @@ from typing import Any
 
 from runner.agents import get_agent
 from runner.events.log import Event
+from runner.policy.loader import is_preset_ref, policy_from_dict
 from runner.policy.loader import load_policy as _load_policy
-from runner.policy.loader import policy_from_dict
 from runner.policy.models import Policy
 from runner.run.hostaddrs import host_addresses
 from runner.run.orchestrator import RunOptions
 from runner.run.orchestrator import run as _run
 from runner.run.pool import Pool
 from runner.run.report import RunResult
+from runner.server.paths import default_socket
 
 PolicyLike = Policy | str | Path | Mapping[str, Any]
 
@@ -39,11 +40,19 @@ def load_policy(ref: str | Path = "default") -> Policy:
 
 
 def as_policy(policy: PolicyLike) -> Policy:
+    return _resolve(policy)[0]
+
+
+def _resolve(policy: PolicyLike) -> tuple[Policy, str | None]:
+    """The policy, and the preset it builds on (what it raises above is recorded)."""
     if isinstance(policy, Policy):
-        return policy
+        return policy, None
     if isinstance(policy, Mapping):
-        return policy_from_dict(dict(policy))
-    return load_policy(policy)
+        ref = policy.get("extends")
+        preset = ref if isinstance(ref, str) and is_preset_ref(ref) else None
+        return policy_from_dict(dict(policy)), preset
+    loaded = _load_policy(policy)
+    return loaded.policy, loaded.preset
 
 
 def _options(task: str | Sequence[str], *, agent: str, policy: PolicyLike,
@@ -52,8 +61,10 @@ def _options(task: str | Sequence[str], *, agent: str, policy: PolicyLike,
              record: str | Path | None, runs_dir: str | Path | None,
              on_output: Callable[[str, bytes], None] | None,
              pool: Pool | None = None) -> RunOptions:
+    resolved, preset = _resolve(policy)
     return RunOptions(
-        policy=as_policy(policy),
+        policy=resolved,
+        preset=preset,
         agent=get_agent(agent),
         task=[task] if isinstance(task, str) else list(task),
         workspace=Path(workspace) if workspace is not None else None,
@@ -65,6 +76,7 @@ def _options(task: str | Sequence[str], *, agent: str, policy: PolicyLike,
         on_output=on_output,
         host_addresses=host_addresses(),
         pool=pool,
+        protected_sockets=[default_socket()],
     )
 
 

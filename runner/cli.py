@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from runner.errors import AirlockError, ExitCode
+from runner.errors import AirlockError, BadInput, ExitCode
 
 if TYPE_CHECKING:
     import typer
@@ -35,8 +35,13 @@ app.add_typer(images_app, name="images")
 app.add_typer(runs_app, name="runs")
 
 
-def _fail(exc: AirlockError) -> None:
-    typer.echo(f"airlock: {exc}", err=True)
+def _fail(exc: AirlockError, *, json_out: bool = False) -> None:
+    """One line on stderr saying why (and the fix); with --json also a last JSON line."""
+    line = exc.one_line()
+    typer.echo(f"airlock: {line}", err=True)
+    if json_out:
+        typer.echo(json.dumps({"type": "airlock.error", "error": line,
+                               "exit_code": int(exc.exit_code)}))
     raise typer.Exit(int(exc.exit_code))
 
 
@@ -50,33 +55,34 @@ def _progress(msg: str) -> None:
 
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
-    task: Annotated[list[str], typer.Argument(help="The prompt, or the command (after --).")],
+    task: Annotated[list[str], typer.Argument(help="The prompt, or the command (after --).", metavar="TASK")],
     policy: Annotated[str, typer.Option("--policy", "-p", help="Preset name or file.")] = "default",
     agent: Annotated[str, typer.Option("--agent", "-a", help="command|builtin|codex|claude-code")] = "command",
     provider: Annotated[str | None, typer.Option(help="Provider backend (overrides the policy's).")] = None,
     model: Annotated[str | None, typer.Option(help="Model, role or alias the policy allows.")] = None,
     workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Directory mounted at /workspace.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON event per line on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the agent's own output.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON event per line on stdout.", metavar="")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the agent's own output (and, on a refusal, the one line that says why).", metavar="")] = False,
     record: Annotated[Path | None, typer.Option(help="Record provider exchanges to this file.")] = None,
     runtime: Annotated[str | None, typer.Option(help="runc or runsc (overrides the policy's).")] = None,
     image: Annotated[str | None, typer.Option(help="Airlock image for --agent command (base, builtin, codex, ...).")] = None,
-    mcp_tool: Annotated[list[str] | None, typer.Option("--mcp-tool", help="module:function exposed as an MCP tool.")] = None,
-    mcp_server: Annotated[list[str] | None, typer.Option("--mcp-server", help="'CMD ARGS' of an MCP server the host starts.")] = None,
-    enable_tool: Annotated[list[str] | None, typer.Option("--enable-tool", help="A tool of --mcp-server to expose.")] = None,
+    mcp_tool: Annotated[list[str] | None, typer.Option("--mcp-tool", help="module:function exposed as an MCP tool; repeat for more.", metavar="MODULE:FUNC")] = None,
+    mcp_server: Annotated[list[str] | None, typer.Option("--mcp-server", help="'CMD ARGS' of an MCP server the host starts; repeat for more.", metavar="'CMD ARGS'")] = None,
+    enable_tool: Annotated[list[str] | None, typer.Option("--enable-tool", help="A tool of --mcp-server to expose; repeat for more.", metavar="TOOL")] = None,
 ) -> None:
     """Run an agent (or a command) inside a sandbox under a policy."""
     from runner.run.launch import launch
+    from runner.server.paths import default_socket
 
     try:
         code = launch(
             task=task, policy_ref=policy, agent_name=agent, provider=provider, model=model,
             workspace=workspace, json_out=json_out, quiet=quiet, record=record,
             runtime=runtime, image=image, mcp_tools=mcp_tool or [], mcp_servers=mcp_server or [],
-            enable_tools=enable_tool or [],
+            enable_tools=enable_tool or [], protected_sockets=[default_socket()],
         )
     except AirlockError as exc:
-        _fail(exc)
+        _fail(exc, json_out=json_out)
     raise typer.Exit(code)
 
 
@@ -85,11 +91,16 @@ def run(
 
 @policy_app.command("check")
 def policy_check(files: Annotated[list[str], typer.Argument(help="Policy files (or preset names).")]) -> None:
-    """Validate policy files; print `file:line: message` for every problem (exit 2)."""
+    """Validate policy files; print `file:line: message` for every problem (exit 2).
+
+    Also prints each value a file raises above the preset it extends (not an error:
+    a run records each one as a `policy.widened` event).
+    """
     from runner.policy.loader import check_files
 
-    problems = check_files(files)
-    for p in problems:
+    notes: list[str] = []
+    problems = check_files(files, notes)
+    for p in [*problems, *notes]:
         typer.echo(p)
     if problems:
         raise typer.Exit(ExitCode.BAD_INPUT)
@@ -165,7 +176,7 @@ def policy_compile(
 @images_app.command("build")
 def images_build(
     names: Annotated[list[str] | None, typer.Argument(help="Images to build (default: base).")] = None,
-    force: Annotated[bool, typer.Option(help="Rebuild even when up to date.")] = False,
+    force: Annotated[bool, typer.Option(help="Rebuild even when up to date.", metavar="")] = False,
 ) -> None:
     """Build sandbox images (bootstrapping the Debian root when needed)."""
     from runner.engines.docker_engine import connect
@@ -204,18 +215,19 @@ def images_list() -> None:
 
 @app.command()
 def doctor(
-    probe: Annotated[bool, typer.Option(help="Also send one request to the provider.")] = False,
-    policy: Annotated[str, typer.Option("--policy", "-p")] = "default",
+    probe: Annotated[bool, typer.Option(help="Also send one request to the provider.", metavar="")] = False,
+    policy: Annotated[str, typer.Option("--policy", "-p", help="Preset name or file whose provider section is checked.")] = "default",
 ) -> None:
     """Check the engine, runtimes, images, disk and provider configuration."""
     from runner.doctor import run_doctor
 
+    _load(policy)  # a policy that does not load is bad input (exit 2), not a sick machine
     raise typer.Exit(run_doctor(policy, probe=probe, echo=typer.echo))
 
 
 @app.command()
 def gc(
-    all_runs: Annotated[bool, typer.Option("--all", help="Also remove live runs' objects.")] = False,
+    all_runs: Annotated[bool, typer.Option("--all", help="Also remove live runs' objects.", metavar="")] = False,
 ) -> None:
     """Remove containers and files of runs whose host process is gone."""
     from runner.engines.docker_engine import connect
@@ -235,11 +247,16 @@ def gc(
 
 
 @runs_app.command("list")
-def runs_list(limit: Annotated[int, typer.Option()] = 20) -> None:
+def runs_list(limit: Annotated[int, typer.Option(help="At most this many runs.")] = 20) -> None:
     """Recent runs, newest first."""
     from runner.run.history import list_runs
 
-    for r in list_runs(limit):
+    runs = list_runs(limit)
+    if not runs:
+        from runner.run.orchestrator import runs_dir
+
+        typer.echo(f"no runs in {runs_dir()}", err=True)
+    for r in runs:
         typer.echo(f"{r['run_id']}  {r.get('status', '?'):16} exit={r.get('exit_code', '?'):<4} "
                    f"{r.get('agent', '?'):12} {r.get('duration_s', '?')}s")
 
@@ -257,10 +274,10 @@ def runs_show(run_id: str) -> None:
 
 @app.command()
 def events(
-    run_id: Annotated[str, typer.Argument(help="Run id, or `verify RUN`.")],
-    verify_id: Annotated[str | None, typer.Argument(help="With `verify`: the run id.")] = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
-    type_: Annotated[list[str] | None, typer.Option("--type", "-t", help="Only these types (prefix match).")] = None,
+    run_id: Annotated[str, typer.Argument(help="Run id (or `latest`); `verify RUN` checks a run's log.", metavar="RUN|verify")],
+    verify_id: Annotated[str | None, typer.Argument(help="With `verify`: the run id (or `latest`).", metavar="RUN")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing events as they are written, until the run ends.", metavar="")] = False,
+    type_: Annotated[list[str] | None, typer.Option("--type", "-t", help="Only these types (prefix match); repeat for more.", metavar="TYPE")] = None,
 ) -> None:
     """Print a run's events (`airlock events verify RUN` checks the hash chain)."""
     from runner.run import history
@@ -268,7 +285,8 @@ def events(
     try:
         if run_id == "verify":
             if not verify_id:
-                raise AirlockError("usage: airlock events verify RUN")
+                raise BadInput("usage: airlock events verify RUN",
+                               hint="name a run id from `airlock runs list`, or `latest`")
             problems = history.verify(verify_id)
             if problems:
                 for p in problems:
@@ -286,9 +304,9 @@ def events(
 def conformance(
     policy: Annotated[str, typer.Option("--policy", "-p", help="Preset name or file.")] = "strict",
     runtime: Annotated[str | None, typer.Option(help="runc or runsc (overrides the policy's).")] = None,
-    only: Annotated[list[str] | None, typer.Option("--only", help="Run only attacks whose id starts with this.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Results as JSON.")] = False,
-    pooled: Annotated[bool, typer.Option("--pooled", help="Run the attacks in sandboxes claimed from a warm pool.")] = False,
+    only: Annotated[list[str] | None, typer.Option("--only", help="Run only attacks whose id starts with this; repeat for more.", metavar="PREFIX")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Results as JSON.", metavar="")] = False,
+    pooled: Annotated[bool, typer.Option("--pooled", help="Run the attacks in sandboxes claimed from a warm pool.", metavar="")] = False,
 ) -> None:
     """Run the shipped escape suite inside sandboxes under a policy; exit 1 on any escape."""
     from runner.conformance import run_suite
@@ -297,7 +315,7 @@ def conformance(
         code = run_suite(policy, runtime=runtime, only=only or [], json_out=json_out,
                          pooled=pooled)
     except AirlockError as exc:
-        _fail(exc)
+        _fail(exc, json_out=json_out)
     raise typer.Exit(code)
 
 
@@ -309,7 +327,7 @@ def serve(
     spares: Annotated[int, typer.Option(help="Idle pre-forked workers kept ready.")] = 1,
     idle_exit: Annotated[float | None, typer.Option(
         "--idle-exit", help="Exit after this many seconds without a run.")] = None,
-    stop: Annotated[bool, typer.Option("--stop", help="Stop the running server.")] = False,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop the running server.", metavar="")] = False,
     auto: Annotated[bool, typer.Option("--auto", hidden=True)] = False,
 ) -> None:
     """Keep a warm server for this user so that `airlock run` starts fast.
@@ -338,10 +356,33 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def tidy_help() -> None:
+    """Help without Python annotations: newer typer prints `<bool>` beside every flag and
+    `<list[str]>` beside repeatable options and arguments; a flag takes no value, and an
+    argument's name says what it is. Options keep their metavar (or their type)."""
+    from typer import core
+
+    for cls in (getattr(core, "TyperOption", None), getattr(core, "TyperArgument", None)):
+        shown = getattr(cls, "display_type_rich", None)
+        if cls is None or shown is None or getattr(shown, "airlock_tidy", False):
+            continue
+
+        def display(self: Any, ctx: Any, _shown: Any = shown) -> str | None:
+            if isinstance(self, core.TyperArgument):
+                return None
+            if getattr(self, "is_flag", False):
+                return self.metavar or None
+            return _shown(self, ctx)
+
+        display.airlock_tidy = True  # type: ignore[attr-defined]
+        cls.display_type_rich = display
+
+
 def cli_main() -> None:
     """The full CLI (typer), for every command a warm server did not take."""
     import signal
 
+    tidy_help()
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()

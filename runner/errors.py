@@ -28,6 +28,11 @@ class AirlockError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  fix: {self.hint}"
 
+    def one_line(self) -> str:
+        """The reason and the fix on one line: what a refused command prints."""
+        text = " | ".join(part.strip() for part in self.message.splitlines() if part.strip())
+        return f"{text}; fix: {self.hint}" if self.hint else text
+
 
 class BadInput(AirlockError):
     exit_code = ExitCode.BAD_INPUT
@@ -39,6 +44,12 @@ class PolicyError(BadInput):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+    def one_line(self) -> str:
+        first = self.problems[0] if self.problems else self.message
+        more = len(self.problems) - 1
+        return first if more <= 0 else (
+            f"{first} (and {more} more: `airlock policy check` lists them)")
 
 
 class NotReady(AirlockError):

@@ -7,10 +7,13 @@ all, which `make test` rules out by provisioning one first.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,8 +24,15 @@ import pytest
 from runner.testing.listener import HostListener
 
 # The suite's CLI runs go in-process unless a test starts a server itself: no test
-# leaves an auto-started `airlock serve` behind (tests/test_serve.py covers that path).
+# leaves an auto-started `airlock serve` behind (tests/test_serve.py covers that path),
+# and none is handed to the server of the user running the suite (whose code and
+# environment may differ): the default socket is moved to a private empty directory.
+# Runs land in the suite's own directory, whatever AIRLOCK_RUNS_DIR the user has.
 os.environ["AIRLOCK_AUTO_SERVE"] = "0"
+_HERMETIC = tempfile.mkdtemp(prefix="airlock-tests-")
+os.environ["AIRLOCK_SERVE_SOCKET"] = os.path.join(_HERMETIC, "no-server", "serve.sock")
+os.environ["AIRLOCK_RUNS_DIR"] = os.path.join(_HERMETIC, "runs")
+atexit.register(shutil.rmtree, _HERMETIC, True)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBES = Path(__file__).resolve().parent / "probes"

@@ -107,6 +107,12 @@ def test_exec_tmpfs_where_the_floor_had_noexec():
     assert (w.key, w.candidate) == ("filesystem.exec_tmpfs", "/tmp")
 
 
+def test_sensitive_workspace_allowed():
+    assert keys(P(), P(filesystem={"allow_sensitive_workspace": True})) == [
+        "filesystem.allow_sensitive_workspace"]
+    assert keys(P(filesystem={"allow_sensitive_workspace": True}), P()) == []
+
+
 def test_writable_root():
     assert keys(P(), P(filesystem={"read_only_root": False})) == ["filesystem.read_only_root"]
     assert keys(P(filesystem={"read_only_root": False}), P()) == []
@@ -254,5 +260,5 @@ def test_widening_reads_and_serialises():
     (w,) = widenings_over(P(resources={"memory": "512m"}), P(resources={"memory": "8g"}))
     assert isinstance(w, Widening)
     assert w.as_dict() == {"key": "resources.memory", "floor": "512m", "candidate": "8g",
-                           "why": "more than the floor allows"}
-    assert str(w).startswith("resources.memory: 8g is wider than 512m")
+                           "why": "more"}
+    assert str(w) == "resources.memory: 8g, wider than 512m (more)"

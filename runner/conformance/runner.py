@@ -48,7 +48,7 @@ from runner.conformance.attacks import Attack, select
 from runner.conformance.canary import Canary, Decoy, EchoUpstream
 from runner.conformance.engine import CreateHook, RecordingEngine
 from runner.engines import Engine
-from runner.errors import AirlockError, NotReady
+from runner.errors import AirlockError, BadInput, NotReady
 from runner.events.verify import verify_log
 from runner.images.build import image_tag
 from runner.policy.compile import RUN_DIR_IN_SANDBOX
@@ -547,7 +547,8 @@ class Suite:
         t0 = time.monotonic()
         attacks = select(only)
         if not attacks:
-            raise NotReady(f"no attack matches {only}")
+            raise BadInput(f"--only {' '.join(only or [])}: no attack id starts with it",
+                           hint="`airlock conformance --json` lists every attack's id")
         client = self._client
         if client is None:
             from runner.engines.docker_engine import DockerEngine

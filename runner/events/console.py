@@ -192,6 +192,14 @@ class Console:
     def finish(self, result: Any) -> None:
         self.finish_live()
         if self.json_out or self.quiet:
+            # A run Airlock refused says why whatever the flags: one line on stderr, and
+            # with --json the same as the last line on stdout.
+            if result.error:
+                self._line(f"airlock: {result.error}")
+            if result.error and self.json_out:
+                self._line(json.dumps({"type": "airlock.error", "error": result.error,
+                                       "exit_code": result.exit_code, "run_id": result.run_id},
+                                      separators=(",", ":")), err=False)
             return
         line = visible(f"airlock: run {result.run_id} {result.status} (exit {result.exit_code}, "
                        f"{result.duration_s}s) -> {result.run_dir}")

@@ -41,7 +41,7 @@ class Widening:
     why: str
 
     def __str__(self) -> str:
-        return f"{self.key}: {_show(self.candidate)} is wider than {_show(self.floor)} ({self.why})"
+        return f"{self.key}: {_show(self.candidate)}, wider than {_show(self.floor)} ({self.why})"
 
     def as_dict(self) -> dict[str, Any]:
         return {"key": self.key, "floor": self.floor, "candidate": self.candidate, "why": self.why}
@@ -68,37 +68,36 @@ def _order(*narrow_to_wide: str) -> Rule:
 
     def rule(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
         if rank[c] > rank[f]:
-            yield Widening(key, fj, cj, " < ".join(narrow_to_wide))
+            yield Widening(key, fj, cj, "narrow to wide: " + " < ".join(narrow_to_wide))
     return rule
 
 
 def _more(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
     if c > f:
-        yield Widening(key, fj, cj, "more than the floor allows")
+        yield Widening(key, fj, cj, "more")
 
 
 def _budget(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
     # None is no budget: unlimited, the widest there is.
     if f is not None and (c is None or c > f):
-        yield Widening(key, fj, cj, "no budget is unlimited" if c is None else
-                       "more than the floor allows")
+        yield Widening(key, fj, cj, "no budget is unlimited" if c is None else "more")
 
 
 def _must_stay_true(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
     if f and not c:
-        yield Widening(key, fj, cj, "the floor requires true")
+        yield Widening(key, fj, cj, "was true")
 
 
 def _must_stay_false(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
     if c and not f:
-        yield Widening(key, fj, cj, "the floor requires false")
+        yield Widening(key, fj, cj, "was false")
 
 
 def _subset(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
     have = set(fj)
     for item in cj:
         if item not in have:
-            yield Widening(key, fj, item, "not in the floor's list")
+            yield Widening(key, fj, item, "not in the list")
 
 
 def _superset(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
@@ -106,12 +105,12 @@ def _superset(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
     have = set(cj)
     for item in fj:
         if item not in have:
-            yield Widening(key, item, cj, "the floor denies it")
+            yield Widening(key, item, cj, "denied there")
 
 
 def _equal(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
     if fj != cj:
-        yield Widening(key, fj, cj, "must equal the floor's")
+        yield Widening(key, fj, cj, "must be the same")
 
 
 def _free(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
@@ -121,9 +120,9 @@ def _free(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
 def _tmpfs(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
     for path, size in c.items():
         if path not in f:
-            yield Widening(f"{key}.{path}", None, cj[path], "a tmpfs the floor does not have")
+            yield Widening(f"{key}.{path}", None, cj[path], "a tmpfs not there")
         elif size > f[path]:
-            yield Widening(f"{key}.{path}", fj[path], cj[path], "larger than the floor's")
+            yield Widening(f"{key}.{path}", fj[path], cj[path], "larger")
 
 
 def _host_port(entry: str) -> tuple[str, int]:
@@ -150,7 +149,7 @@ def _egress_covered(entry: str, floor: list[str]) -> bool:
 def _egress(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
     for entry in cj:
         if not _egress_covered(entry, fj):
-            yield Widening(key, fj, entry, "an egress host the floor does not allow")
+            yield Widening(key, fj, entry, "an egress host not allowed there")
 
 
 def _cidrs(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
@@ -166,7 +165,7 @@ def _cidrs(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
             n.version == fn.version and n.subnet_of(fn)  # type: ignore[arg-type]
             for fn in floor_nets)
         if not covered and entry not in fj:
-            yield Widening(key, fj, entry, "a private range the floor does not allow")
+            yield Widening(key, fj, entry, "a private range not allowed there")
 
 
 def _per_tool_caps(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
@@ -174,7 +173,7 @@ def _per_tool_caps(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widen
         if tool not in c:
             yield Widening(f"{key}.{tool}", cap, None, "no cap is unlimited")
         elif c[tool] > cap:
-            yield Widening(f"{key}.{tool}", cap, c[tool], "more than the floor allows")
+            yield Widening(f"{key}.{tool}", cap, c[tool], "more")
 
 
 def _mcp_servers(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
@@ -186,12 +185,12 @@ def _mcp_servers(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widenin
         base = floor_by_id.get(ident(server))
         if base is None:
             yield Widening(key, [s.get("command") or s.get("url") for s in fj], name,
-                           "an MCP server the floor does not have")
+                           "an MCP server not there")
             continue
         for tool in server.get("enabled_tools", []):
             if tool not in base.get("enabled_tools", []):
                 yield Widening(f"{key}[{name}].enabled_tools", base.get("enabled_tools", []),
-                               tool, "not in the floor's list")
+                               tool, "not in the list")
 
 
 def _tools_allowlist(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
@@ -223,6 +222,7 @@ RULES: dict[str, Rule] = {
     "filesystem.copy_files": _more,
     "filesystem.patch_size": _more,
     "filesystem.patch_file_size": _more,
+    "filesystem.allow_sensitive_workspace": _must_stay_false,
     "network.mode": _order("none", "gateway", "proxy"),
     "network.allow": _egress,
     "network.allow_private": _cidrs,
@@ -324,7 +324,7 @@ def _provider(model: type[BaseModel], prefix: str, f: Any, c: Any, fj: Any,
     floor_ids = f.allowed_models()
     for model_id in sorted(c.allowed_models() - floor_ids):
         yield Widening("provider.models", sorted(floor_ids), model_id,
-                       "a model the floor does not list")
+                       "a model not listed there")
 
 
 def widenings_over(floor: Policy, candidate: Policy) -> list[Widening]:

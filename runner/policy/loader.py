@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from runner.errors import PolicyError
+from runner.policy.floor import Widening, widenings_over
 from runner.policy.models import Policy
 
 Origin = tuple[str, int]  # (file, line)
@@ -45,10 +46,35 @@ class LoadedPolicy:
     policy: Policy
     files: list[str]
     origins: dict[PathKey, Origin] = field(default_factory=dict)
+    # The preset this policy is measured against: itself when a preset is loaded by
+    # name, else the nearest preset its `extends:` chain reaches (None: no preset).
+    preset: str | None = None
 
     @property
     def digest(self) -> str:
         return policy_digest(self.policy)
+
+    def origin(self, key: str) -> Origin:
+        """Where a dotted key (`resources.memory`, `filesystem.tmpfs./tmp`) was written."""
+        parts = key.split(".")
+        if parts[:2] == ["filesystem", "tmpfs"] and len(parts) > 2:
+            parts = [*parts[:2], ".".join(parts[2:])]
+        return _origin_for(tuple(parts), self.origins, self.files[0])
+
+
+def is_preset_ref(ref: str) -> bool:
+    return "/" not in ref and not ref.endswith((".yaml", ".yml"))
+
+
+def over_preset(preset: str | None, policy: Policy) -> list[Widening]:
+    """What `policy` raises above the preset it builds on (see runner/policy/floor.py)."""
+    if preset is None:
+        return []
+    try:
+        base = load_policy(preset).policy
+    except PolicyError:
+        return []
+    return widenings_over(base, policy)
 
 
 def policy_digest(policy: Policy) -> str:
@@ -64,16 +90,109 @@ class _Problems:
         self.items.append(f"{origin[0]}:{origin[1]}: {message}")
 
 
-def _compose(text: str, name: str, problems: _Problems) -> yaml.Node | None:
+# Bounds on what a policy (or config) file may make the loader do, checked before any
+# model validation: a policy is a few hundred bytes, so these are generous, and each
+# keeps a hostile file from spending the host's memory or stack ("billion laughs" alias
+# bombs expand exponentially; deep nesting overflows the recursive composer).
+MAX_POLICY_BYTES = 256 << 10
+MAX_DEPTH = 32
+MAX_ALIASES = 100
+MAX_NODES = 20_000  # after expanding aliases
+MAX_EXTENDS = 8
+
+
+def decode_policy_bytes(data: bytes, name: str, problems: _Problems) -> str | None:
+    """UTF-8 text without NUL bytes, or a problem naming the line of the first bad byte."""
+    if len(data) > MAX_POLICY_BYTES:
+        problems.add((name, 1), f"the file is larger than {MAX_POLICY_BYTES >> 10} KiB; "
+                     "a policy is a short text file")
+        return None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        problems.add((name, data.count(b"\n", 0, nul) + 1),
+                     "a NUL byte: a policy is a UTF-8 text file, not binary data")
+        return None
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.add((name, data.count(b"\n", 0, exc.start) + 1),
+                     f"byte 0x{data[exc.start]:02x} is not UTF-8: a policy is a UTF-8 text file")
+        return None
+
+
+def _last_line(text: str) -> int:
+    return max(1, text.count("\n") + (0 if text.endswith("\n") else 1))
+
+
+def _line_of(mark: Any) -> int:
+    return mark.line + 1 if mark is not None else 1
+
+
+def _scan_bounds(text: str, name: str, problems: _Problems) -> bool:
+    """Nesting and alias counts from the event stream (no tree built yet)."""
+    depth = aliases = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                problems.add((name, _line_of(event.start_mark)),
+                             f"nested deeper than {MAX_DEPTH} levels")
+                return False
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+        elif isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if aliases > MAX_ALIASES:
+                problems.add((name, _line_of(event.start_mark)),
+                             f"more than {MAX_ALIASES} YAML aliases (*name)")
+                return False
+    return True
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes the tree has once aliases are expanded (shared nodes counted each time)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = MAX_NODES + 1  # a node that contains itself expands without end
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            size += _expanded_size(k, memo) + _expanded_size(v, memo)
+            if size > MAX_NODES:
+                break
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            size += _expanded_size(item, memo)
+            if size > MAX_NODES:
+                break
+    memo[key] = min(size, MAX_NODES + 1)
+    return memo[key]
+
+
+def compose_bounded(text: str, name: str, problems: _Problems) -> yaml.Node | None:
+    """YAML text composed into nodes within the bounds above; None after a problem."""
+    try:
+        if not _scan_bounds(text, name, problems):
+            return None
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
+        line = min(mark.line + 1, _last_line(text)) if mark else 1
         problems.add((name, line), f"YAML: {exc.problem or exc.context}")
+        return None
     except yaml.YAMLError as exc:
         problems.add((name, 1), f"YAML: {exc}")
-    return None
+        return None
+    except RecursionError:  # not reached within MAX_DEPTH; kept as a last guard
+        problems.add((name, 1), "nested too deeply")
+        return None
+    if node is not None and _expanded_size(node, {}) > MAX_NODES:
+        problems.add((name, node.start_mark.line + 1),
+                     f"more than {MAX_NODES} values once YAML aliases are expanded "
+                     "(an alias bomb?)")
+        return None
+    return node
 
 
 def _to_python(
@@ -138,7 +257,7 @@ def _display(path: Path) -> str:
 
 def _resolve_source(ref: str, relative_to: Path | None) -> Path | None:
     """A preset name, or a file path (relative to the file that names it)."""
-    if "/" not in ref and not ref.endswith((".yaml", ".yml")):
+    if is_preset_ref(ref):
         candidate = presets_dir() / f"{ref}.yaml"
         return candidate if candidate.is_file() else None
     path = Path(ref).expanduser()
@@ -148,15 +267,22 @@ def _resolve_source(ref: str, relative_to: Path | None) -> Path | None:
 
 
 def _load_raw(
-    path: Path, problems: _Problems, chain: list[Path]
+    path: Path, problems: _Problems, chain: list[Path], presets: list[str] | None = None
 ) -> tuple[dict[str, Any], dict[PathKey, Origin]] | None:
     name = _display(path)
+    if len(chain) > MAX_EXTENDS:
+        problems.add((name, 1), f"extends: a chain longer than {MAX_EXTENDS} files")
+        return None
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            data = f.read(MAX_POLICY_BYTES + 1)
     except OSError as exc:
         problems.add((name, 1), f"cannot read: {exc.strerror}")
         return None
-    node = _compose(text, name, problems)
+    text = decode_policy_bytes(data, name, problems)
+    if text is None:
+        return None
+    node = compose_bounded(text, name, problems)
     if node is None:
         return {}, {}
     origins: dict[PathKey, Origin] = {}
@@ -183,7 +309,9 @@ def _load_raw(
     if parent_path.resolve() in chain:
         problems.add(origin, f"extends: {ref!r} makes a cycle")
         return data, origins
-    parent = _load_raw(parent_path, problems, [*chain, parent_path.resolve()])
+    if presets is not None and is_preset_ref(ref):
+        presets.append(ref)
+    parent = _load_raw(parent_path, problems, [*chain, parent_path.resolve()], presets)
     if parent is None:
         return data, origins
     merged, merged_origins = parent
@@ -207,6 +335,11 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
+def error_message(err: Any) -> str:
+    """One pydantic error as `key: message`, in the words of a policy file."""
+    return _message(err)
+
+
 def _message(err: Any) -> str:
     loc = tuple(str(p) for p in err["loc"])
     where = ".".join(loc)
@@ -216,6 +349,10 @@ def _message(err: Any) -> str:
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         return f"{where}: unknown key{hint}; allowed: {', '.join(allowed)}"
     msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] in ("literal_error", "enum"):
+        expected = (err.get("ctx") or {}).get("expected")
+        if expected:
+            msg = f"{err.get('input')!r} is not one of {expected}"
     if err["type"] == "missing":
         return f"{where}: required key is missing"
     return f"{where}: {msg}" if where else msg
@@ -250,18 +387,27 @@ def load_policy(ref: str | os.PathLike[str] | None = None) -> LoadedPolicy:
             [f"{ref}:1: no preset or file named {ref!r} (presets: {', '.join(preset_names())})"]
         )
     problems = _Problems()
-    raw = _load_raw(path, problems, [path.resolve()])
+    presets: list[str] = []
+    raw = _load_raw(path, problems, [path.resolve()], presets)
     policy = None
     if raw is not None:
         data, origins = raw
         policy = validate_data(data, origins, _display(path), problems)
     if problems.items or policy is None:
         raise PolicyError(problems.items or [f"{_display(path)}:1: invalid policy"])
-    return LoadedPolicy(policy=policy, files=[_display(path)], origins=raw[1] if raw else {})
+    preset = ref if is_preset_ref(ref) else (presets[0] if presets else None)
+    return LoadedPolicy(policy=policy, files=[_display(path)], origins=raw[1] if raw else {},
+                        preset=preset)
 
 
-def check_files(paths: list[str]) -> list[str]:
-    """Every problem in every file, for `airlock policy check`."""
+def widening_note(loaded: LoadedPolicy, w: Widening) -> str:
+    file, line = loaded.origin(w.key)
+    return f"{file}:{line}: widened above the preset {loaded.preset}: {w}"
+
+
+def check_files(paths: list[str], notes: list[str] | None = None) -> list[str]:
+    """Every problem in every file, for `airlock policy check`; what each file widens
+    above the preset it extends goes to `notes` (recorded as `policy.widened` at run time)."""
     problems: list[str] = []
     for p in paths:
         ref = p
@@ -270,9 +416,12 @@ def check_files(paths: list[str]) -> list[str]:
             # (`airlock policy check strict`).
             ref = f"./{p}" if Path(p).exists() or _resolve_source(p, None) is None else p
         try:
-            load_policy(ref)
+            loaded = load_policy(ref)
         except PolicyError as exc:
             problems.extend(exc.problems)
+            continue
+        if notes is not None:
+            notes.extend(widening_note(loaded, w) for w in over_preset(loaded.preset, loaded.policy))
     return problems
 
 

@@ -16,6 +16,7 @@ from runner.policy.syscalls import check_allowable_syscall, check_group_name, ch
 from runner.policy.units import Duration, Size
 
 SANDBOX_UID = 1000
+MAX_WALL_TIME = 30 * 24 * 3600  # every run has a bound the host's timers can hold
 SANDBOX_HOME = "/home/airlock"
 WORKSPACE_PATH = "/workspace"
 
@@ -87,6 +88,11 @@ class FilesystemPolicy(Strict):
         8 << 20,
         description="copy mode: a changed file larger than this (its apparent size: sparse "
         "files count in full) is listed as left out instead of diffed.",
+    )
+    allow_sensitive_workspace: bool = Field(
+        False, description="Allow a workspace that exposes the host (/, /proc, /etc, /run, "
+        "the engine's socket or a directory holding it, the runs directory); refused "
+        "otherwise. A widening, recorded in the run's log.",
     )
 
     @field_validator("tmpfs")
@@ -241,6 +247,8 @@ class ResourcesPolicy(Strict):
     def _positive_wall(cls, v: float) -> float:
         if v <= 0:
             raise ValueError("wall_time must be above 0")
+        if v > MAX_WALL_TIME:
+            raise ValueError(f"wall_time is at most {MAX_WALL_TIME // 3600}h (30 days)")
         return v
 
 
@@ -412,6 +420,8 @@ def widenings(policy: Policy) -> list[str]:
         out.append("filesystem.read_only_root: false (the root filesystem is writable)")
     if fs.workspace == "rw":
         out.append("filesystem.workspace: rw (the agent writes the host's workspace)")
+    if fs.allow_sensitive_workspace:
+        out.append("filesystem.allow_sensitive_workspace: true (a workspace may expose the host)")
     for path in fs.exec_tmpfs:
         out.append(f"filesystem.exec_tmpfs: {path} (files written there can be executed)")
     if net.mode == "proxy":

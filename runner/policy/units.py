@@ -49,7 +49,10 @@ def format_size(n: int) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    return f"{seconds:g}s"
+    # Never an exponent: what is written must parse again (a policy is dumped to JSON
+    # and validated again when command-line flags are applied on top of it).
+    text = f"{seconds:.3f}".rstrip("0").rstrip(".")
+    return f"{text}s"
 
 
 Size = Annotated[

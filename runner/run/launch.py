@@ -8,10 +8,12 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from runner.agents import get_agent
 from runner.errors import BadInput
 from runner.events.console import Console
-from runner.policy.loader import load_policy
+from runner.policy.loader import error_message, load_policy
 from runner.policy.models import McpServerPolicy, Policy, ProviderPolicy
 from runner.run.hostaddrs import host_addresses
 from runner.run.orchestrator import Run, RunOptions
@@ -41,9 +43,18 @@ def apply_overrides(policy: Policy, *, provider: str | None, runtime: str | None
         out = Policy.model_validate(data)
         if out.provider is not None:
             ProviderPolicy.model_validate(out.provider.model_dump())
-    except ValueError as exc:
-        raise BadInput(f"invalid flags: {exc}") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        flag = _FLAG_OF.get(str(err["loc"][0]) if err["loc"] else "", "")
+        if err["loc"][:2] == ("process", "runtime"):
+            flag = f"--runtime {runtime}"
+        elif err["loc"][:1] == ("provider",):
+            flag = f"--provider {provider}"
+        raise BadInput(f"{flag}: {error_message(err)}" if flag else error_message(err)) from None
     return out
+
+
+_FLAG_OF = {"mcp": "--mcp-server"}
 
 
 GC_BEFORE_RUN = True  # `airlock serve` turns this off in its workers: the server collects
@@ -59,11 +70,13 @@ def launch(*, task: list[str], policy_ref: str, agent_name: str, provider: str |
            model: str | None, workspace: Path | None, json_out: bool, quiet: bool,
            record: Path | None, runtime: str | None, mcp_tools: list[str],
            image: str | None = None,
-           mcp_servers: list[str], enable_tools: list[str]) -> int:
+           mcp_servers: list[str], enable_tools: list[str],
+           protected_sockets: list[str] | None = None) -> int:
     from runner.engines import get_engine
     from runner.run.gc import collect
 
-    policy = apply_overrides(load_policy(policy_ref).policy, provider=provider, runtime=runtime,
+    loaded = load_policy(policy_ref)
+    policy = apply_overrides(loaded.policy, provider=provider, runtime=runtime,
                              mcp_tools=mcp_tools, mcp_servers=mcp_servers,
                              enable_tools=enable_tools)
     agent = get_agent(agent_name)
@@ -71,8 +84,6 @@ def launch(*, task: list[str], policy_ref: str, agent_name: str, provider: str |
         if agent_name != "command":
             raise BadInput("--image applies to --agent command only; other agents bring their own")
         agent.image = image
-    if workspace is not None and not workspace.is_dir():
-        raise BadInput(f"--workspace {workspace} is not a directory")
     engine = get_engine()
     # Whatever a killed run left behind goes while this one starts (in the background:
     # gc removes only what belongs to processes that are gone, never this run).
@@ -85,6 +96,7 @@ def launch(*, task: list[str], policy_ref: str, agent_name: str, provider: str |
         engine=engine, record=record, listeners=[console.on_event],
         on_output=None if json_out else console.on_output, host_addresses=host_addresses(),
         pool=POOL,
+        preset=loaded.preset, protected_sockets=protected_sockets or [],
     ))
     console.attach(the_run.budgets)
     try:

@@ -27,10 +27,11 @@ from runner.errors import AirlockError, BadInput, ExitCode
 from runner.events import BudgetExceeded, Budgets, Event, EventLog, clip_text
 from runner.images.build import image_tag
 from runner.policy.compile import RUN_DIR_IN_SANDBOX, SandboxInputs, container_spec
-from runner.policy.loader import policy_digest
+from runner.policy.loader import over_preset, policy_digest
 from runner.policy.models import SANDBOX_HOME, WORKSPACE_PATH, Policy, widenings
 from runner.run import workspace as ws_mod
 from runner.run.control import ControlServer
+from runner.run.guard import check_model, check_workspace
 from runner.run.owner import owner_label
 from runner.run.pool import Recipe, SandboxSource, WarmSandbox, make_scratch
 from runner.run.reaper import ensure_reaper, needs_gc
@@ -79,6 +80,12 @@ class RunOptions:
     host_addresses: list[str] = field(default_factory=list)
     # Warm sandboxes to claim from (runs without a workspace); None: always cold.
     pool: SandboxSource | None = None
+    # The preset the policy builds on (LoadedPolicy.preset): what the policy raises
+    # above it is recorded as `policy.widened`.
+    preset: str | None = None
+    # Unix sockets of the caller's own (the per-user server's) that a workspace must not
+    # expose; the engine's are always checked (runner/run/guard.py).
+    protected_sockets: list[str] = field(default_factory=list)
 
 
 class Run:
@@ -86,7 +93,12 @@ class Run:
         self.o = options
         self.policy = with_agent_tmpfs(options.policy, options.agent)
         self.run_id = new_run_id()
-        self.dir = (options.runs_dir or runs_dir()) / self.run_id
+        base = options.runs_dir or runs_dir()
+        # Refused before anything exists: a refused run leaves no directory behind.
+        check_model(self.policy, options.model)
+        self._sensitive = check_workspace(options.workspace, self.policy, base,
+                                          options.protected_sockets)
+        self.dir = base / self.run_id
         self.dir.mkdir(parents=True, exist_ok=False, mode=0o700)
         self.log = EventLog(self.dir / "events.jsonl", self.run_id,
                             max_bytes=self.policy.resources.log_bytes, on_full=self._log_full)
@@ -170,6 +182,15 @@ class Run:
                       task=self.o.task)
         for w in widenings(p):
             self.log.emit("policy.widened", "host", detail=w)
+        if self._sensitive is not None:
+            self.log.emit("policy.widened", "host",
+                          detail=f"filesystem.allow_sensitive_workspace: {self.o.workspace} "
+                          f"is mounted although {self._sensitive}",
+                          key="filesystem.allow_sensitive_workspace")
+        for over in over_preset(self.o.preset, self.o.policy):
+            self.log.emit("policy.widened", "host", detail=f"{over} above the preset {self.o.preset}",
+                          key=over.key, preset=self.o.preset, preset_value=over.floor,
+                          value=over.candidate)
         (self.dir / "policy.json").write_text(json.dumps(p.model_dump(mode="json"), indent=2))
 
         ensure_reaper()
@@ -262,7 +283,7 @@ class Run:
             self._end("interrupted")
             exit_code, status, reason = 130, "interrupted", "interrupted"
         except AirlockError as exc:
-            error = str(exc)
+            error = exc.one_line()
             exit_code = exc.exit_code
             status = "not_ready" if exc.exit_code == ExitCode.NOT_READY else "error"
             reason = "error"

@@ -215,6 +215,13 @@ class Worker:
             return 1
         except KeyboardInterrupt:
             return 130
+        except Exception:
+            # What the in-process CLI does with a bug: the traceback on the client's
+            # stderr and exit 1, not a worker that dies and a client told exit 3.
+            import traceback
+
+            traceback.print_exc()
+            return 1
         return 0
 
 
@@ -315,6 +322,7 @@ def preload() -> Any:
     import runner.cli as cli
     from runner._lazy_typer import real
 
+    cli.tidy_help()
     command = typer.main.get_command(real(cli.app))
     for name in PRELOAD:
         try:
