@@ -7,6 +7,10 @@ from collections.abc import Callable
 
 from runner.errors import AirlockError, ExitCode
 
+# `--agent command` and the Python API's default agent; the others are built on demand.
+REQUIRED_IMAGES = ("base", "builtin")
+
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from runner.engines import Engine
@@ -68,11 +72,15 @@ def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> 
             tag = image_tag(name)
             if engine.image_present(tag):
                 ok(f"image {tag}")
-            else:
+            elif name in REQUIRED_IMAGES:
                 bad(f"image {tag} is not built", f"airlock images build {name}")
+            else:
+                # An agent's own image matters only to runs of that agent.
+                echo(f"--    image {tag} is not built (needed by --agent {name} only: "
+                     f"airlock images build {name})")
         _pools(engine, ok, bad)
     except AirlockError as exc:
-        bad(str(exc.message), exc.hint or "run `make engine`")
+        bad(str(exc.message), exc.hint or "start a Docker Engine (in a checkout: `make engine`)")
     usage = shutil.disk_usage("/var/lib/docker" if shutil.os.path.isdir("/var/lib/docker") else "/")  # type: ignore[attr-defined]
     free_gb = usage.free / (1 << 30)
     if free_gb < 2:

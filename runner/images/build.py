@@ -34,7 +34,9 @@ def images_dir() -> Path:
     for candidate in (PACKAGE_DIR.parent / "images", PACKAGE_DIR / "data" / "images"):
         if candidate.is_dir():
             return candidate
-    raise NotReady("the images/ directory of Airlock is missing from this installation")
+    raise NotReady("the images/ directory of Airlock is missing from this installation",
+                   hint="reinstall Airlock from its wheel or sdist (both carry it as "
+                   "runner/data/images), or set it up from a checkout with `make venv`")
 
 
 Progress = Callable[[str], None]
