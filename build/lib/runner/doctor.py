@@ -1,0 +1,77 @@
+"""`airlock doctor`: is this machine ready, and if not, what fixes it."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+
+from runner.errors import AirlockError, ExitCode
+
+# `--agent command` and the Python API's default agent; the others are built on demand.
+REQUIRED_IMAGES = ("base", "builtin")
+
+
+def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> int:
+    from runner.engines.docker_engine import connect
+    from runner.images.build import SPECS, image_tag
+    from runner.images.catalog import load_catalog
+
+    problems = 0
+
+    def ok(msg: str) -> None:
+        echo(f"ok    {msg}")
+
+    def bad(msg: str, fix: str) -> None:
+        nonlocal problems
+        problems += 1
+        echo(f"FAIL  {msg}\n      fix: {fix}")
+
+    try:
+        engine = connect()
+        info = engine.info()
+        ok(f"engine: Docker {info.version} at {info.endpoint}")
+        for rt in ("runc", "runsc"):
+            if rt == "runsc" and rt in info.runtimes:
+                args = set(engine.runtime_args("runsc"))
+                missing = [a for a in ("--network=none", "--oci-seccomp") if a not in args]
+                if not args & {"--host-uds=open", "--host-uds=all"}:
+                    missing.append("--host-uds=open")
+                if missing:
+                    bad(f"runtime runsc is registered without {' '.join(missing)} (without "
+                        "--oci-seccomp gVisor ignores the seccomp profile)",
+                        "add them to the runsc runtimeArgs in the engine's daemon.json and "
+                        "restart the engine")
+                else:
+                    ok("runtime runsc registered with --network=none --host-uds --oci-seccomp")
+            elif rt in info.runtimes:
+                ok(f"runtime {rt} registered")
+            else:
+                bad(f"runtime {rt} is not registered with the engine",
+                    "install gVisor and register runsc with --network=none --host-uds=open "
+                    "--oci-seccomp (see `make engine`)" if rt == "runsc" else "reinstall Docker")
+        load_catalog()
+        for name in SPECS:
+            tag = image_tag(name)
+            if engine.image_present(tag):
+                ok(f"image {tag}")
+            elif name in REQUIRED_IMAGES:
+                bad(f"image {tag} is not built", f"airlock images build {name}")
+            else:
+                # An agent's own image matters only to runs of that agent.
+                echo(f"--    image {tag} is not built (needed by --agent {name} only: "
+                     f"airlock images build {name})")
+    except AirlockError as exc:
+        bad(str(exc.message), exc.hint or "start a Docker Engine (in a checkout: `make engine`)")
+    usage = shutil.disk_usage("/var/lib/docker" if shutil.os.path.isdir("/var/lib/docker") else "/")  # type: ignore[attr-defined]
+    free_gb = usage.free / (1 << 30)
+    if free_gb < 2:
+        bad(f"free disk {free_gb:.1f} GiB", "free some disk space (images need ~1 GiB)")
+    else:
+        ok(f"free disk {free_gb:.1f} GiB")
+    try:
+        from runner.provider_doctor import check_provider
+
+        problems += check_provider(policy_ref, probe=probe, ok=ok, bad=bad)
+    except ImportError:
+        pass
+    return int(ExitCode.NOT_READY) if problems else 0
