@@ -11,6 +11,24 @@ from runner.errors import AirlockError, ExitCode
 REQUIRED_IMAGES = ("base", "builtin")
 
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from runner.engines import Engine
+
+
+def _pools(engine: Engine, ok: Callable[[str], None], bad: Callable[[str, str], None]) -> None:
+    """Warm pools' sandboxes: those of live pools, and any a dead pool left behind."""
+    from runner.run.gc import owner_of
+    from runner.run.owner import owner_alive
+
+    pooled = [o for o in engine.managed() if o.kind == "container" and o.run_id.startswith("pool-")]
+    dead = [o for o in pooled if not owner_alive(owner_of(o))]
+    if dead:
+        bad(f"{len(dead)} pooled sandbox(es) of a pool that is gone", "airlock gc")
+    ok(f"warm pools: {len(pooled) - len(dead)} pooled sandbox(es) held by live pools "
+       f"(AIRLOCK_POOL=0 turns the per-user server's pool off)")
+
+
 def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> int:
     from runner.engines.docker_engine import connect
     from runner.images.build import SPECS, image_tag
@@ -60,6 +78,7 @@ def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> 
                 # An agent's own image matters only to runs of that agent.
                 echo(f"--    image {tag} is not built (needed by --agent {name} only: "
                      f"airlock images build {name})")
+        _pools(engine, ok, bad)
     except AirlockError as exc:
         bad(str(exc.message), exc.hint or "start a Docker Engine (in a checkout: `make engine`)")
     usage = shutil.disk_usage("/var/lib/docker" if shutil.os.path.isdir("/var/lib/docker") else "/")  # type: ignore[attr-defined]

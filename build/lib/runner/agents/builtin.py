@@ -111,7 +111,7 @@ class BuiltinAgent(Agent):
             return []  # stderr is logs: recorded as agent.output, never parsed
         try:
             obj = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # malformed, or nested past the parser
             return []
         if not isinstance(obj, dict) or obj.get("airlock_agent") != 1:
             return []

@@ -116,7 +116,7 @@ class StreamParser:
         self.lines += 1
         try:
             obj = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return [AgentEvent("agent.unparsed", {"line": _cap(line, LINE_CAP)})]
         if not isinstance(obj, dict):
             return [AgentEvent("agent.unparsed", {"line": _cap(line, LINE_CAP)})]

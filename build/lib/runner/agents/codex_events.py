@@ -89,7 +89,7 @@ class CodexStream:
             return []
         try:
             obj = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return []
         if not isinstance(obj, dict):
             return []

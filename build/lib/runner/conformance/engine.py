@@ -107,6 +107,9 @@ class RecordingEngine(Engine):
         self.sandboxes.append(sandbox)
         return sandbox
 
+    def adopt(self, sandbox_id: str) -> Sandbox:
+        return self._inner.adopt(sandbox_id)
+
     def managed(self) -> list[ManagedObject]:
         return self._inner.managed()
 

@@ -14,6 +14,9 @@ from typing import Literal
 LABEL_MANAGED = "airlock.managed"
 LABEL_RUN = "airlock.run"
 LABEL_OWNER = "airlock.owner"  # "<hostname>:<pid>:<process start time>"
+# A pooled sandbox's scratch directory: once a run claims it, the owner file there (not
+# the label, fixed at creation by the pool's process) says whose it is.
+LABEL_SCRATCH = "airlock.scratch"
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class ManagedObject:
     run_id: str
     owner: str
     running: bool
+    scratch: str = ""  # a pooled sandbox's scratch directory (see LABEL_SCRATCH)
 
 
 class Engine(ABC):
@@ -113,6 +117,10 @@ class Engine(ABC):
 
     @abstractmethod
     def create(self, spec: ContainerSpec) -> Sandbox: ...
+
+    @abstractmethod
+    def adopt(self, sandbox_id: str) -> Sandbox:
+        """A sandbox created earlier (by a pool, maybe in another process)."""
 
     @abstractmethod
     def managed(self) -> list[ManagedObject]:

@@ -17,6 +17,7 @@ from runner.engines.base import (
     LABEL_MANAGED,
     LABEL_OWNER,
     LABEL_RUN,
+    LABEL_SCRATCH,
     ContainerSpec,
     Engine,
     EngineInfo,
@@ -260,12 +261,21 @@ class DockerEngine(Engine):
             raise NotReady(f"the engine refused the sandbox: {message}") from None
         return DockerSandbox(self.client, container)
 
+    def adopt(self, sandbox_id: str) -> Sandbox:
+        import docker.errors
+
+        try:
+            return DockerSandbox(self.client, self.client.containers.get(sandbox_id))
+        except docker.errors.NotFound:
+            raise NotReady(f"sandbox {sandbox_id[:12]} is gone") from None
+
     def managed(self) -> list[ManagedObject]:
         out = []
         for c in self.client.api.containers(all=True, filters={"label": LABEL_MANAGED}):
             labels = c.get("Labels") or {}
             out.append(ManagedObject("container", c["Id"], labels.get(LABEL_RUN, ""),
-                                     labels.get(LABEL_OWNER, ""), c.get("State") == "running"))
+                                     labels.get(LABEL_OWNER, ""), c.get("State") == "running",
+                                     scratch=labels.get(LABEL_SCRATCH, "")))
         for n in self.client.api.networks(filters={"label": LABEL_MANAGED}):
             labels = n.get("Labels") or {}
             out.append(ManagedObject("network", n["Id"], labels.get(LABEL_RUN, ""),

@@ -6,10 +6,18 @@
 - Not on a terminal: the same lines, no status line.
 - `--json`: every event as one JSON line on stdout, nothing else on stdout.
 - `--quiet`: only the agent's own output.
+
+Every line Airlock prints is made of text the sandbox chose (model names, paths, tool
+arguments, the agent's messages): control characters and anything else that is not
+printable are shown escaped (`\x1b`, `\u202e`), never sent to the terminal, so no agent
+can write to the clipboard (OSC 52), move the cursor, erase a line or fake an `airlock:`
+line. The output of `--agent command` is the command's own and passes through byte for
+byte, as `docker run` does; other agents' raw output (their stderr) is escaped too.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import sys
 import threading
@@ -26,6 +34,27 @@ SHOWN = ("budget.exceeded", "policy.widened", "workspace.patch", "workspace.writ
          "provider.request", "service.started", "disk.exceeded", "workspace.left_out")
 STATUS_COUNTERS = (("steps", "steps"), ("tokens", "tokens"), ("requests", "requests"),
                    ("mcp_calls", "mcp"))
+
+
+def visible(text: str, keep: str = "") -> str:
+    """`text` with every character that is not printable escaped (but those in `keep`).
+
+    Not printable: C0 and C1 controls (ESC starts every escape sequence, CR rewrites the
+    line, BEL rings), DEL, bidi overrides and other format characters, line separators,
+    lone surrogates, unassigned code points.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    if n <= 0xFF:
+        return f"\\x{n:02x}"
+    if n <= 0xFFFF:
+        return f"\\u{n:04x}"
+    return f"\\U{n:08x}"
 
 
 def _short(n: int) -> str:
@@ -59,7 +88,7 @@ def event_line(event: Event) -> str | None:
         reason = d.get("reason") or d.get("error") or ""
         what = d.get("target") or d.get("tool") or d.get("path") or d.get("model") or ""
         return f"refused {t.split('.')[0]}: {what} {reason}".rstrip()
-    if not t.startswith(SHOWN):
+    if not t.startswith(SHOWN) or t == "mcp.call_started":
         return None
     if t == "provider.request":
         return (f"model {d.get('model')} {d.get('path')} -> {d.get('status')} "
@@ -87,6 +116,8 @@ class Console:
         self.quiet = quiet
         # An agent whose stdout is its event stream is shown through its parsed events.
         self.hide_stdout = hide_stdout and not quiet
+        self.structured = hide_stdout
+        self._decoders: dict[str, codecs.IncrementalDecoder] = {}
         self.live = (sys.stderr.isatty() if live is None else live) and not (json_out or quiet)
         self._budgets: Any = None
         self._t0 = time.monotonic()
@@ -127,6 +158,11 @@ class Console:
     def on_output(self, stream: str, chunk: bytes) -> None:
         if stream == "stdout" and self.hide_stdout:
             return
+        if self.structured:
+            # Not a command's output meant for its user: an agent's logs, shown escaped.
+            decoder = self._decoders.setdefault(stream, codecs.getincrementaldecoder("utf-8")(
+                errors="backslashreplace"))
+            chunk = visible(decoder.decode(chunk), keep="\n\t").encode()
         if self._live is not None:
             with self._lock:
                 self._rich.out(chunk.decode("utf-8", errors="replace"), end="", highlight=False)
@@ -146,7 +182,7 @@ class Console:
             return
         text = event_line(event)
         if text is not None:
-            self._line(f"airlock: {text}")
+            self._line(f"airlock: {visible(text)}")
 
     def finish_live(self) -> None:
         if self._live is not None:
@@ -165,8 +201,8 @@ class Console:
                                        "exit_code": result.exit_code, "run_id": result.run_id},
                                       separators=(",", ":")), err=False)
             return
-        line = (f"airlock: run {result.run_id} {result.status} (exit {result.exit_code}, "
-                f"{result.duration_s}s) -> {result.run_dir}")
+        line = visible(f"airlock: run {result.run_id} {result.status} (exit {result.exit_code}, "
+                       f"{result.duration_s}s) -> {result.run_dir}")
         if result.error:
-            line += f"\nairlock: {result.error}"
+            line += f"\nairlock: {visible(str(result.error))}"
         self._line(line)

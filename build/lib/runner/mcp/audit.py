@@ -40,20 +40,32 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
+def _utf8(text: str) -> bytes:
+    # An agent can send any string, a lone surrogate included, which UTF-8 cannot hold:
+    # measured and previewed escaped, never an error (the call must stay recordable).
+    return text.encode("utf-8", errors="backslashreplace")
+
+
 def logged_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
     """Event fields for a call's arguments: `arguments` (redacted; a string preview when too
     big, with `arguments_truncated`), and `arguments_bytes`, the redacted JSON's full size."""
     text = _json(redact(arguments))
-    size = len(text.encode())
+    size = len(_utf8(text))
     if size <= ARGUMENTS_CAP:
         return {"arguments": json.loads(text), "arguments_bytes": size}
-    preview = text.encode()[:ARGUMENTS_CAP].decode(errors="ignore")
+    preview = _utf8(text)[:ARGUMENTS_CAP].decode(errors="ignore")
     return {"arguments": preview, "arguments_bytes": size, "arguments_truncated": True}
 
 
 def result_bytes(result: types.CallToolResult) -> int:
     """Size of the result as it goes to the agent (its JSON form)."""
-    return len(result.model_dump_json(by_alias=True, exclude_none=True).encode())
+    try:
+        return len(result.model_dump_json(by_alias=True, exclude_none=True).encode())
+    except ValueError:
+        # Text UTF-8 cannot hold (a lone surrogate from a file name, say): measured escaped,
+        # since the call must be recorded whatever it returned.
+        return len(json.dumps(result.model_dump(by_alias=True, exclude_none=True),
+                              default=str).encode())
 
 
 def result_error_text(result: types.CallToolResult) -> str:

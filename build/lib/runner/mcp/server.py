@@ -35,9 +35,6 @@ from runner.mcp.tools import PythonTool, RunTool, resolve_callable
 from runner.mcp.upstream import open_upstream
 from runner.policy.models import McpPolicy
 
-# Past this many, rejected requests are only counted (in mcp.stopped): a client hammering
-# the socket without the token must not be able to flood the run's log.
-MAX_REJECTION_EVENTS = 100
 MAX_SESSIONS = 32
 START_TIMEOUT_S = 20.0
 
@@ -233,6 +230,13 @@ class RunMcpServer:
             return self._refuse(name, arguments, refusal)
         assert tool is not None
 
+        logged = audit.logged_arguments(arguments)
+        # On the record before it runs, or not run: a call the log cannot take (it is
+        # full, the disk refused it) would happen unseen.
+        if self._sink.emit("mcp.call_started", "mcp", tool=name, origin=tool.origin,
+                           **logged) is None:
+            self._counts["refused"] += 1
+            return _error_result("the run's record is full; no more tool calls")
         self._counts["calls"] += 1
         started = time.monotonic()
         result: types.CallToolResult | None = None
@@ -243,8 +247,7 @@ class RunMcpServer:
             return result
         finally:
             self._sink.emit(
-                "mcp.call", "mcp", tool=name, origin=tool.origin,
-                **audit.logged_arguments(arguments),
+                "mcp.call", "mcp", tool=name, origin=tool.origin, **logged,
                 result_bytes=audit.result_bytes(result) if result is not None else 0,
                 duration_ms=round((time.monotonic() - started) * 1000, 3),
                 ok=error is None, error=error,
@@ -254,8 +257,8 @@ class RunMcpServer:
         self, name: str, arguments: dict[str, Any], refusal: Refusal
     ) -> types.CallToolResult:
         self._counts["refused"] += 1
-        self._sink.emit("mcp.refused", "mcp", tool=name, reason=refusal.reason,
-                        limit=refusal.limit, **audit.logged_arguments(arguments))
+        self._sink.refusal("mcp.refused", "mcp", tool=name, reason=refusal.reason,
+                           limit=refusal.limit, **audit.logged_arguments(arguments))
         if refusal.reason == "not_exposed":
             # As for any unknown tool: a protocol error, which says nothing of what else exists.
             raise MCPError(code=types.INVALID_PARAMS, message=refusal.message)
@@ -263,8 +266,10 @@ class RunMcpServer:
 
     def _rejected(self, reason: str, method: str, path: str) -> None:
         self._counts["unauthorized"] += 1
-        if self._counts["unauthorized"] <= MAX_REJECTION_EVENTS:
-            self._sink.emit("mcp.unauthorized", "mcp", reason=reason, method=method, path=path)
+        # Capped per run by the log (the rest only counted, in mcp.stopped and the log's
+        # summary): a client hammering the socket without the token cannot flood it.
+        self._sink.refusal("mcp.unauthorized", "mcp", kind="request", reason=reason,
+                           method=method, path=path)
 
 
 async def _run(tool: RunTool, arguments: dict[str, Any]) -> tuple[types.CallToolResult, str | None]:

@@ -223,6 +223,9 @@ class ResourcesPolicy(Strict):
     pids: int = Field(256, ge=16, le=65536)
     wall_time: Duration = Field(600.0, description="Wall-clock limit of the whole run.")
     output_bytes: Size = Field(16 << 20, description="Cap on the agent's stdout+stderr.")
+    log_bytes: Size = Field(
+        64 << 20, description="Cap on the run's events.jsonl: past it events are counted, not "
+        "written, and the run ends (exit 4, exit_reason log_cap, event log.cap).")
     nofile: int = Field(1024, ge=64, le=1 << 20, description="Open-file limit per process.")
 
     @field_validator("memory")
@@ -230,6 +233,13 @@ class ResourcesPolicy(Strict):
     def _min_memory(cls, v: int) -> int:
         if v < 16 << 20:
             raise ValueError("memory below 16m cannot start a sandbox")
+        return v
+
+    @field_validator("log_bytes")
+    @classmethod
+    def _min_log(cls, v: int) -> int:
+        if v < 1 << 20:
+            raise ValueError("log_bytes below 1m cannot hold a run's own events")
         return v
 
     @field_validator("wall_time")

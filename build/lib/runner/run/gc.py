@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.engines import Engine
+from runner.engines.base import ManagedObject
 from runner.run.owner import owner_alive
 from runner.run.workspace import leftover_mounts, unmount
 
@@ -29,12 +30,23 @@ class GcReport:
     kept: int
 
 
+def owner_of(obj: ManagedObject) -> str:
+    """Whose an object is: a pooled sandbox's owner file, once a run claimed it, names
+    the run's process; its label names the pool's, which may have handed it on."""
+    if obj.scratch:
+        scratch = Path(obj.scratch)
+        if scratch.name.startswith(SCRATCH_PREFIX) and scratch.parent == Path(tempfile.gettempdir()):
+            with contextlib.suppress(OSError):
+                return (scratch / OWNER_FILE).read_text().strip() or obj.owner
+    return obj.owner
+
+
 def collect(engine: Engine | None, *, include_live: bool = False) -> GcReport:
     removed: list[str] = []
     kept = 0
     if engine is not None:
         for obj in engine.managed():
-            if include_live or not owner_alive(obj.owner):
+            if include_live or not owner_alive(owner_of(obj)):
                 engine.remove_object(obj)
                 removed.append(f"{obj.kind} {obj.id[:12]} (run {obj.run_id})")
             else:

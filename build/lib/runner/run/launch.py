@@ -17,6 +17,7 @@ from runner.policy.loader import error_message, load_policy
 from runner.policy.models import McpServerPolicy, Policy, ProviderPolicy
 from runner.run.hostaddrs import host_addresses
 from runner.run.orchestrator import Run, RunOptions
+from runner.run.pool import SandboxSource
 
 
 def apply_overrides(policy: Policy, *, provider: str | None, runtime: str | None,
@@ -57,6 +58,7 @@ _FLAG_OF = {"mcp": "--mcp-server"}
 
 
 GC_BEFORE_RUN = True  # `airlock serve` turns this off in its workers: the server collects
+POOL: SandboxSource | None = None  # `airlock serve` sets its pool here in its workers
 
 
 def _collect(engine: object, collect: Callable[[object], object]) -> None:
@@ -93,6 +95,7 @@ def launch(*, task: list[str], policy_ref: str, agent_name: str, provider: str |
         policy=policy, agent=agent, task=task, workspace=workspace, model=model,
         engine=engine, record=record, listeners=[console.on_event],
         on_output=None if json_out else console.on_output, host_addresses=host_addresses(),
+        pool=POOL,
         preset=loaded.preset, protected_sockets=protected_sockets or [],
     ))
     console.attach(the_run.budgets)

@@ -24,7 +24,7 @@ from typing import Any
 from runner.agents import Agent, AgentContext
 from runner.engines import Engine, Sandbox, get_engine
 from runner.errors import AirlockError, BadInput, ExitCode
-from runner.events import BudgetExceeded, Budgets, Event, EventLog
+from runner.events import BudgetExceeded, Budgets, Event, EventLog, clip_text
 from runner.images.build import image_tag
 from runner.policy.compile import RUN_DIR_IN_SANDBOX, SandboxInputs, container_spec
 from runner.policy.loader import over_preset, policy_digest
@@ -33,7 +33,7 @@ from runner.run import workspace as ws_mod
 from runner.run.control import ControlServer
 from runner.run.guard import check_model, check_workspace
 from runner.run.owner import owner_label
-from runner.run.pool import Pool, Recipe, WarmSandbox, make_scratch
+from runner.run.pool import Recipe, SandboxSource, WarmSandbox, make_scratch
 from runner.run.reaper import ensure_reaper, needs_gc
 from runner.run.report import RunResult, write_report
 from runner.run.services import ServiceHost
@@ -42,6 +42,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_EVENT_CAP = 8192  # bytes of output text carried by one agent.output event
 COPY_POLL = 0.5  # seconds between looks at how full the workspace copy is
 LEFT_OUT_IN_EVENT = 100  # left-out files named in the event (report.json lists up to 1000)
+MAX_PARTIAL_LINE = 1 << 20  # an unfinished output line longer than this is not parsed
 
 
 def with_agent_tmpfs(policy: Policy, agent: Agent) -> Policy:
@@ -78,7 +79,7 @@ class RunOptions:
     on_output: Callable[[str, bytes], None] | None = None
     host_addresses: list[str] = field(default_factory=list)
     # Warm sandboxes to claim from (runs without a workspace); None: always cold.
-    pool: Pool | None = None
+    pool: SandboxSource | None = None
     # The preset the policy builds on (LoadedPolicy.preset): what the policy raises
     # above it is recorded as `policy.widened`.
     preset: str | None = None
@@ -99,7 +100,8 @@ class Run:
                                           options.protected_sockets)
         self.dir = base / self.run_id
         self.dir.mkdir(parents=True, exist_ok=False, mode=0o700)
-        self.log = EventLog(self.dir / "events.jsonl", self.run_id)
+        self.log = EventLog(self.dir / "events.jsonl", self.run_id,
+                            max_bytes=self.policy.resources.log_bytes, on_full=self._log_full)
         for listener in options.listeners:
             self.log.subscribe(listener)
         b = self.policy.budgets
@@ -109,7 +111,7 @@ class Run:
             self.log, self._on_budget,
         )
         self._sandbox: Sandbox | None = None
-        self._end_reason: str | None = None  # budget | timeout | interrupted | disk
+        self._end_reason: str | None = None  # budget | timeout | interrupted | disk | log
         self._lock = threading.Lock()
         self._agent_started: float | None = None
         self._agent_ended: float | None = None
@@ -125,7 +127,11 @@ class Run:
     # -- enforcement -----------------------------------------------------------------
 
     def _control_refused(self) -> None:
-        self.log.emit("control.refused", "host")
+        self.log.refusal("control.refused", "host", kind="connection")
+
+    def _log_full(self, why: str) -> None:
+        # Whatever the sandbox does next would go unrecorded: the run ends here.
+        self._end("log")
 
     def _note_refusal(self, event: Event) -> None:
         refusal = event.type.endswith((".refused", ".unauthorized"))
@@ -323,8 +329,10 @@ class Run:
             selftest=self._selftest,
             result=self.result_value,
         )
+        self.log.write_suppressed()
         self.log.emit("run.end", "host", status=status, exit_code=int(exit_code),
-                      exit_reason=reason, duration_s=result.duration_s)
+                      exit_reason=reason, duration_s=result.duration_s,
+                      events_dropped=self.log.dropped)
         result.events = self.log.count
         result.last_hash = self.log.last_hash
         self.log.close()
@@ -437,6 +445,8 @@ class Run:
             return ExitCode.BUDGET_EXCEEDED, "budget_exceeded", "budget"
         if reason == "timeout":
             return ExitCode.WALL_TIME, "timeout", "wall_time"
+        if reason == "log":
+            return ExitCode.BUDGET_EXCEEDED, "budget_exceeded", "log_cap"
         if reason == "interrupted":
             return 130, "interrupted", "interrupted"
         if oom:
@@ -476,10 +486,9 @@ class Run:
         return exit_.code, exit_.oom_killed
 
     def _pump_output(self, sandbox: Sandbox) -> None:
-        agent = self.o.agent
         partial = {"stdout": b"", "stderr": b""}
+        over = False
         try:
-            over = False
             for stream, chunk in sandbox.output():
                 # Past the budget the sandbox is being killed; keep draining what is still
                 # in flight, unrecorded: an attach stream nobody reads can hold the
@@ -487,20 +496,33 @@ class Run:
                 if over or not self.budgets.charge("output_bytes", len(chunk)):
                     over = True
                     continue
-                if self.o.on_output is not None:
-                    self.o.on_output(stream, chunk)
-                text = chunk.decode("utf-8", errors="replace")
-                self.log.emit("agent.output", "agent", stream=stream,
-                              text=text[:OUTPUT_EVENT_CAP],
-                              truncated=len(text) > OUTPUT_EVENT_CAP)
-                buf = partial[stream] + chunk
-                *lines, partial[stream] = buf.split(b"\n")
-                for raw in lines:
-                    self._parse(agent, stream, raw.decode("utf-8", errors="replace"))
-                if len(partial[stream]) > 1 << 20:
-                    partial[stream] = b""
+                # Whatever one chunk holds, the pump goes on: if it stopped, steps and
+                # output bytes would no longer be counted.
+                try:
+                    self._take_chunk(stream, chunk, partial)
+                except Exception as exc:
+                    self.log.refusal("output.error", "host", kind="chunk",
+                                     error=f"{type(exc).__name__}: {exc}")
         except Exception as exc:
-            self.log.emit("output.error", "host", error=str(exc)[:300])
+            self.log.emit("output.error", "host", error=clip_text(str(exc), 300))
+
+    def _take_chunk(self, stream: str, chunk: bytes, partial: dict[str, bytes]) -> None:
+        if self.o.on_output is not None:
+            with contextlib.suppress(Exception):  # a broken console must not stop the pump
+                self.o.on_output(stream, chunk)
+        text = chunk.decode("utf-8", errors="replace")
+        self.log.emit("agent.output", "agent", stream=stream,
+                      text=text[:OUTPUT_EVENT_CAP], truncated=len(text) > OUTPUT_EVENT_CAP)
+        buf = partial[stream] + chunk
+        *lines, partial[stream] = buf.split(b"\n")
+        for raw in lines:
+            try:
+                self._parse(self.o.agent, stream, raw.decode("utf-8", errors="replace"))
+            except Exception as exc:
+                self.log.refusal("output.error", "host", kind="line",
+                                 error=f"{type(exc).__name__}: {exc}")
+        if len(partial[stream]) > MAX_PARTIAL_LINE:
+            partial[stream] = b""
 
     def _parse(self, agent: Agent, stream: str, line: str) -> None:
         for ev in agent.parse_line(stream, line):

@@ -7,12 +7,17 @@ import socket
 
 
 def _start_time(pid: int) -> str | None:
+    """The process's start time; None when it is gone or a zombie (dead, not yet reaped:
+    its parent may be an init that reaps late, or never)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
             # Field 22 is the start time; the command name (field 2) may hold spaces.
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
 
 
 def owner_label() -> str:

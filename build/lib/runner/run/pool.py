@@ -34,10 +34,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from runner.engines import Engine, Sandbox
-from runner.engines.base import ContainerSpec
+from runner.engines.base import LABEL_SCRATCH, ContainerSpec
 from runner.errors import AirlockError
 from runner.policy.compile import SandboxInputs, container_spec
 from runner.policy.models import Policy
@@ -71,7 +71,7 @@ def pool_key(spec: ContainerSpec) -> str:
     that name a run (its id and owner labels) or a host path."""
     data = asdict(spec)
     data["labels"] = {k: v for k, v in spec.labels.items()
-                      if k not in ("airlock.run", "airlock.owner", LABEL_POOL)}
+                      if k not in ("airlock.run", "airlock.owner", LABEL_POOL, LABEL_SCRATCH)}
     data["mounts"] = [(m.target, m.read_only) for m in spec.mounts]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -148,7 +148,8 @@ def warm_one(engine: Engine, recipe: Recipe, *, timeout: float = WARM_TIMEOUT) -
         listener.settimeout(timeout)
         spec = recipe.spec(SandboxInputs(image=recipe.image, run_id=pool_id,
                                          owner=owner_label(), run_dir=run_dir, etc_dir=etc,
-                                         extra_labels={LABEL_POOL: key[:16]}))
+                                         extra_labels={LABEL_POOL: key[:16],
+                                                       LABEL_SCRATCH: str(scratch)}))
         spec.command = [*SHIM_COMMAND, "--pool"]
         sandbox = engine.create(spec)
         sandbox.start(attach=False)
@@ -176,6 +177,12 @@ def warm_one(engine: Engine, recipe: Recipe, *, timeout: float = WARM_TIMEOUT) -
         listener.close()
         with contextlib.suppress(OSError):
             (run_dir / POOL_SOCKET).unlink()
+
+
+class SandboxSource(Protocol):
+    """Where a run gets a warm sandbox: a `Pool`, or the per-user server's keeper."""
+
+    def claim(self, recipe: Recipe) -> WarmSandbox | None: ...
 
 
 @dataclass

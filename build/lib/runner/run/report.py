@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+REPORT_PATCH_MAX = 1 << 20  # a larger patch is only in changes.patch, not inline here
+
 
 @dataclass
 class RunResult:
@@ -41,6 +43,11 @@ class RunResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["run_dir"] = str(self.run_dir)
+        if self.patch is not None and len(self.patch) > REPORT_PATCH_MAX:
+            # changes.patch has it; inline, JSON's escapes of non-UTF-8 bytes could make
+            # the report six times the patch's size.
+            d["patch"] = None
+            d["patch_file"] = "changes.patch"
         d["totals"] = self.totals
         return d
 

@@ -38,6 +38,7 @@ DIFF_MEMORY = 1 << 30  # address space of one git diff (8 MiB of one-byte lines 
 DIFF_FILE_TIMEOUT = 30.0  # seconds for one file's diff
 PATCH_DEADLINE = 120.0  # seconds for the whole patch step
 LEFT_OUT_LISTED = 1000  # entries of the left-out list kept in the report and the event
+LEFT_OUT_PATH = 512  # characters of a left-out path kept (the agent chose it)
 
 _MS_NOSUID, _MS_NODEV = 2, 4
 _MNT_DETACH = 2
@@ -78,7 +79,8 @@ class Patch:
     def leave_out(self, path: str, reason: str, size: int, sparse: bool = False) -> None:
         self.left_out_count += 1
         if len(self.left_out) < LEFT_OUT_LISTED:
-            entry: dict[str, object] = {"path": path, "reason": reason, "size": size}
+            shown = path if len(path) <= LEFT_OUT_PATH else path[:LEFT_OUT_PATH] + "..."
+            entry: dict[str, object] = {"path": shown, "reason": reason, "size": size}
             if sparse:
                 entry["sparse"] = True
             self.left_out.append(entry)

@@ -362,6 +362,8 @@ class Server:
         self.spare_failures = 0
         self.command: Any = None
         self.listener: socket.socket | None = None
+        self.keeper_pid: int | None = None  # the warm pool's process (see keeper.py)
+        self.keeper_starts = 0
 
     # setup ---------------------------------------------------------------------------
 
@@ -413,6 +415,7 @@ class Server:
                 _log("warning: threads were started while preloading; forking may be unsafe")
             gc.collect()
             gc.freeze()  # fewer copy-on-write pages in each worker
+            self._start_keeper()
             return self._loop()
         finally:
             self._close()
@@ -546,6 +549,37 @@ class Server:
                 os._exit(code)
         self.idle.add(pid)
 
+    def _start_keeper(self) -> None:
+        """Fork the pool's keeper and point the workers (forked later) at it."""
+        from runner.run import launch
+        from runner.server import keeper
+
+        if not keeper.pools_enabled() or self.keeper_starts >= 5:
+            return
+        self.keeper_starts += 1
+        closing = tuple(fd for fd in (self._lock_fd,
+                                      self.listener.fileno() if self.listener else None)
+                        if fd is not None)
+        self.keeper_pid = keeper.start_keeper(self.path, closing)
+        launch.POOL = keeper.RemotePool(keeper.keeper_path(self.path))
+
+    def _stop_keeper(self) -> None:
+        pid, self.keeper_pid = self.keeper_pid, None
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done == 0:
+                    time.sleep(0.05)
+                    continue
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
     def _spawn_gc(self) -> None:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child never returns
@@ -579,7 +613,12 @@ class Server:
             if pid == 0:
                 break
             code = os.waitstatus_to_exitcode(status)
-            if pid in self.gc_pids:
+            if pid == self.keeper_pid:
+                self.keeper_pid = None
+                if not self.stopping and not self.draining:
+                    _log(f"the pool's keeper ended (status {code}); starting another")
+                    self._start_keeper()
+            elif pid in self.gc_pids:
                 self.gc_pids.discard(pid)
             elif pid in self.idle:
                 self.idle.discard(pid)
@@ -605,6 +644,7 @@ class Server:
         if self.draining:
             return
         self.draining = True
+        self._stop_keeper()
         # No spare is killed: one may have just taken a client. With the socket's name
         # gone no new client can reach them; each notices within seconds and leaves.
         self._close()
@@ -612,6 +652,7 @@ class Server:
     def _shutdown(self) -> None:
         """Stop taking runs; interrupt the ones under way and wait for them to end."""
         self._close()  # new clients run in their own process from now on
+        self._stop_keeper()  # its unclaimed sandboxes go; claimed ones are their runs'
         for pid in self.idle:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
