@@ -243,7 +243,6 @@ RULES: dict[str, Rule] = {
     "resources.output_bytes": _more,
     "resources.log_bytes": _more,
     "resources.nofile": _more,
-    "resources.log_bytes": _more,
     "env.allow": _subset,
     "env.set": _free,  # fixed values written in the policy: nothing of the host's
     "approval": _equal,
