@@ -27,6 +27,7 @@ setup(
     package_data={
         "runner": ["py.typed"],
         "runner.data.demo": ["*"],
+        "runner.view.static": ["*"],  # the viewer's page, script and style sheet
         "runner.data.policies": ["*.yaml"],
         **{name: ["*"] for name in DATA_DIRS if name.startswith("runner.data.images.")},
     },

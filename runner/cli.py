@@ -301,6 +301,28 @@ def events(
 
 
 @app.command()
+def view(
+    run_id: Annotated[str | None, typer.Argument(help="A run to open (an id, or `latest`).")] = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (default: a free one).")] = 0,
+    browser: Annotated[bool, typer.Option("--browser/--no-browser", help="Open the page in a browser (where there is a display).")] = True,
+) -> None:
+    """A web page over the runs: timelines, refusals, budgets, patches, the chain check.
+
+    Serves on 127.0.0.1 with a token in the URL it prints, until Ctrl-C.
+    """
+    from runner.run.history import run_path
+    from runner.run.orchestrator import runs_dir
+    from runner.view.local import serve as serve_view
+
+    try:
+        name = run_path(run_id).name if run_id else None
+    except AirlockError as exc:
+        _fail(exc)
+    raise typer.Exit(serve_view(runs_dir(), name, port=port, browser=browser,
+                                echo=typer.echo, note=_progress))
+
+
+@app.command()
 def conformance(
     policy: Annotated[str, typer.Option("--policy", "-p", help="Preset name or file.")] = "strict",
     runtime: Annotated[str | None, typer.Option(help="runc or runsc (overrides the policy's).")] = None,
