@@ -392,7 +392,7 @@ def test_a_100_mb_log_opens_without_hanging_the_page(page: Any, server: dict[str
                                                      tmp_path: Path) -> None:
     root: Path = server["root"]
     policy = tmp_path / "big.yaml"
-    policy.write_text("extends: default\nresources: {output_bytes: 1g}\n")
+    policy.write_text("extends: default\nresources: {output_bytes: 1g, log_bytes: 512m}\n")
     code, run_dir = _run(root, "--policy", str(policy), "--", "sh", "-c",
                          "head -c 360000000 /dev/zero | tr '\\0' a | fold -w 120", timeout=600)
     assert code == 0

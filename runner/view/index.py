@@ -50,7 +50,7 @@ def category(etype: str, source: str) -> str:
         return "refusal"
     if source == "agent":
         return "agent"
-    if etype.startswith("budget."):
+    if etype.startswith("budget.") or etype == "log.cap":
         return "budget"
     if etype == "selftest":
         return "selftest"
@@ -258,6 +258,9 @@ class LogIndex:
                              "checks": [{"name": clip(c.get("name")), "ok": bool(c.get("ok")),
                                          "detail": clip(c.get("detail"))}
                                         for c in checks[:100] if isinstance(c, dict)]}
+        elif etype == "log.suppressed" and isinstance(data.get("refusals"), dict):
+            # Refusals past the log's per-kind cap are counted here, not written one by one.
+            self.refusal_count += sum(_int(n) for n in data["refusals"].values())
         elif etype == "workspace.patch":
             self.patch = {"bytes": _int(data.get("bytes"))}
 
