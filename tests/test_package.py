@@ -34,7 +34,8 @@ SHIPPED = [
     "runner/data/images/claude-code/Dockerfile", "runner/data/demo/recording.jsonl",
     "runner/data/demo/policy.yaml", "runner/images/bootstrap.py", "runner/sandbox/shim.py",
     "runner/sandbox/selftest.py", "runner/sandbox/agent_loop.py", "runner/py.typed",
-    "runner/conformance/probe.py",
+    "runner/conformance/probe.py", "runner/view/static/index.html",
+    "runner/view/static/app.js", "runner/view/static/app.css", "runner/view/static/icon.svg",
 ]
 
 
