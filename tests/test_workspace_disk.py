@@ -312,5 +312,54 @@ def test_kill_9_mid_run_leaves_no_copy_mounted(tmp_path):
     assert wait_for(lambda: not own_mounts() and not scratch.exists(), 30)
 
 
+def test_the_patch_rebuilds_the_copy_exactly_and_new_directories_go_to_git_whole(tmp_path):
+    # The host half alone (prepare, the agent's edits made here, patch): every kind of
+    # change, names git must quote, and a node_modules-sized new tree.
+    from runner.run import workspace as w
+
+    origin = tmp_path / "origin"
+    (origin / "gone dir").mkdir(parents=True)
+    (origin / "gone dir" / "z").write_text("z\n")
+    (origin / "E").mkdir()
+    (origin / "E" / "keep").write_text("k\n")
+    (origin / "a.txt").write_text("x\n")
+    (origin / 'we"ird\tname').write_text("q\n")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    ws = w.prepare(origin, "copy", scratch, 1000, 1000, w.CopyLimits(64 * MiB, 10_000))
+    assert ws.copy is not None
+    try:
+        copy = ws.copy
+        for i in range(2000):
+            d = copy / "node_modules" / f"pkg{i // 20}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"f{i}.js").write_text(f"module.exports = {i};\n" * 20)
+        (copy / "E" / "new" / "deep").mkdir(parents=True)
+        (copy / "E" / "new" / "deep" / "n1").write_text("n1\n")
+        (copy / "E" / "new" / "n2").write_bytes(b"\0\1\2binary")
+        os.symlink("../../a.txt", copy / "E" / "new" / "link")
+        subprocess.run(["rm", "-r", str(copy / "gone dir")], check=True)
+        (copy / 'we"ird\tname').write_text("q2\n")
+        (copy / 'new\tfile "x"').write_text("nn\n")
+        (copy / "a.txt").chmod(0o755)
+        import time
+        t0 = time.monotonic()
+        result = w.patch(ws)
+        took = time.monotonic() - t0
+        assert result.left_out_count == 0 and result.files == 2007, result.left_out
+        # One git for the whole new tree: per file it took ~11 s for these 2000 here.
+        assert took < 5, took
+        target = tmp_path / "target"
+        subprocess.run(["cp", "-a", str(origin), str(target)], check=True)
+        (tmp_path / "p.patch").write_bytes(result.text.encode("utf-8", "surrogateescape"))
+        subprocess.run(["git", "apply", "-p1", str(tmp_path / "p.patch")], cwd=target, check=True)
+        same = subprocess.run(["diff", "-r", "--no-dereference", str(target), str(copy)],
+                              capture_output=True, text=True)
+        assert same.returncode == 0, same.stdout[:2000]
+        assert os.stat(target / "a.txt").st_mode & 0o777 == 0o755
+    finally:
+        w.unmount(ws.copy)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-v", "-s"]))

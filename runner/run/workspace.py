@@ -262,6 +262,43 @@ def _limit_diff() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+@dataclass
+class _Change:
+    rel: str
+    added: bool
+    deleted: bool
+    size: int
+    sparse: bool
+
+
+class _Differ:
+    """Runs git on one pair of paths in the view directory, within the caps."""
+
+    def __init__(self, view: Path, limits: PatchLimits, deadline: float) -> None:
+        git = shutil.which("git")
+        if git is None:
+            raise BadInput("git is needed on the host to compute the workspace patch")
+        self.git, self.view, self.deadline = git, view, deadline
+        self.env = {"PATH": os.environ.get("PATH", ""), "HOME": "/nonexistent",
+                    "GIT_CONFIG_NOSYSTEM": "1", "LC_ALL": "C"}
+
+    def diff(self, left: str, right: str, timeout: float) -> bytes | str:
+        """git's output, or why there is none (timeout, diff_failed, deadline)."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            return "deadline"
+        try:
+            proc = subprocess.run(
+                [self.git, "-c", "core.quotepath=off", "diff", "--no-index", "--binary",
+                 "--no-color", "--no-ext-diff", "--no-textconv", "--no-prefix", "--",
+                 left, right],
+                cwd=self.view, capture_output=True, env=self.env, preexec_fn=_limit_diff,
+                timeout=max(0.1, min(timeout, remaining)))
+        except subprocess.TimeoutExpired:
+            return "timeout"
+        return proc.stdout if proc.returncode in (0, 1) else "diff_failed"
+
+
 def patch(ws: PreparedWorkspace, limits: PatchLimits | None = None) -> Patch:
     """The agent's changes as a unified diff (git format, binary-safe), within the caps."""
     out = Patch()
@@ -269,9 +306,6 @@ def patch(ws: PreparedWorkspace, limits: PatchLimits | None = None) -> Patch:
         return out
     limits = limits or PatchLimits(32 << 20, 8 << 20)
     deadline = time.monotonic() + limits.deadline
-    git = shutil.which("git")
-    if git is None:
-        raise BadInput("git is needed on the host to compute the workspace patch")
     # Devices, fifos and sockets the agent made have no place in a patch, and reading
     # a fifo would hang the host.
     for dirpath, dirnames, filenames in os.walk(ws.copy):
@@ -279,20 +313,26 @@ def patch(ws: PreparedWorkspace, limits: PatchLimits | None = None) -> Patch:
             p = Path(dirpath) / name
             if _special(p):
                 p.unlink()
-    before, after = _index(ws.origin), _index(ws.copy)
-    # git runs in a directory where a -> the origin, b -> the copy, so its own header
-    # names are already a/<path> and b/<path>: no rewriting of absolute paths.
+    # git runs in a directory where a -> the origin and b -> the copy, so its own header
+    # names are already a/<path> and b/<path>; n holds empty directories that stand for
+    # the origin's side of directories the agent created.
     view = ws.copy.parent / "diff-view"
-    view.mkdir(exist_ok=True)
-    for name, target in (("a", ws.origin), ("b", ws.copy)):
-        link = view / name
-        if link.is_symlink():
-            link.unlink()
-        link.symlink_to(target)
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": "/nonexistent",
-           "GIT_CONFIG_NOSYSTEM": "1", "LC_ALL": "C"}
-    chunks: list[bytes] = []
-    total = 0
+    shutil.rmtree(view, ignore_errors=True)
+    (view / "n").mkdir(parents=True)
+    (view / "a").symlink_to(ws.origin)
+    (view / "b").symlink_to(ws.copy)
+    try:
+        _patch(ws, limits, deadline, _Differ(view, limits, deadline), out)
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+    return out
+
+
+def _patch(ws: PreparedWorkspace, limits: PatchLimits, deadline: float, differ: _Differ,
+           out: Patch) -> None:
+    assert ws.origin is not None and ws.copy is not None
+    before, after = _index(ws.origin), _index(ws.copy)
+    todo: list[_Change] = []
     for rel in sorted(before.keys() | after.keys()):
         a, b = before.get(rel), after.get(rel)
         size = max(a.st_size if a else 0, b.st_size if b else 0)
@@ -307,51 +347,88 @@ def patch(ws: PreparedWorkspace, limits: PatchLimits | None = None) -> Patch:
             if not unchanged:
                 out.leave_out(rel, "file_size", size, sparse)
             continue
-        if time.monotonic() > deadline:
-            out.leave_out(rel, "deadline", size, sparse)
-            continue
-        changed = _changed(ws, rel, a, b, deadline)
+        changed = _changed(ws, rel, a, b, deadline) if time.monotonic() <= deadline else None
         if changed is None:
             out.leave_out(rel, "deadline", size, sparse)
+        elif changed:
+            todo.append(_Change(rel, a is None, b is None, size, sparse))
+
+    # Directories the agent created go to git whole (one process for a node_modules,
+    # not one per file), unless something in them was left out above.
+    held_back = {str(f["path"]) for f in out.left_out}
+    roots: dict[str, list[_Change]] = {}
+    for c in todo:
+        root = _new_root(ws.origin, c.rel) if c.added else None
+        if root is not None:
+            roots.setdefault(root, []).append(c)
+    batched = {r: cs for r, cs in roots.items()
+               if len(cs) > 1 and not any(h == r or h.startswith(r + "/") for h in held_back)}
+
+    chunks: list[bytes] = []
+    total = 0
+    done: set[str] = set()
+    for c in todo:
+        if c.rel in done:
             continue
-        if not changed:
-            continue
-        left = f"a/{rel}" if a is not None else "/dev/null"
-        right = f"b/{rel}" if b is not None else "/dev/null"
-        try:
-            proc = subprocess.run(
-                [git, "-c", "core.quotepath=off", "diff", "--no-index", "--binary", "--no-color",
-                 "--no-ext-diff", "--no-textconv", "--no-prefix", "--", left, right],
-                cwd=view, capture_output=True, env=env, preexec_fn=_limit_diff,
-                timeout=max(0.1, min(DIFF_FILE_TIMEOUT, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            out.leave_out(rel, "timeout", size, sparse)
-            continue
-        if proc.returncode not in (0, 1):
-            out.leave_out(rel, "diff_failed", size, sparse)
-            continue
-        text = _fix_header(proc.stdout, a is None, b is None)
-        if total + len(text) > limits.size:
-            out.leave_out(rel, "patch_size", size, sparse)
-            continue
-        chunks.append(text)
-        total += len(text)
-        out.files += 1
-    shutil.rmtree(view, ignore_errors=True)
+        root = _new_root(ws.origin, c.rel) if c.added else None
+        if root in batched:
+            assert root is not None
+            group = batched.pop(root)
+            (differ.view / "n" / root).mkdir(parents=True, exist_ok=True)
+            text = differ.diff(f"n/{root}", f"b/{root}", DIFF_FILE_TIMEOUT * 4)
+            if isinstance(text, bytes) and total + len(text) <= limits.size:
+                chunks.append(_fix_headers(text))
+                total += len(text)
+                out.files += len(group)
+                done.update(g.rel for g in group)
+                continue
+            # Too big or too slow together: each file on its own below.
+        for item in ([c] if root is None else roots.get(root, [c])):
+            if item.rel in done:
+                continue
+            done.add(item.rel)
+            left = "/dev/null" if item.added else f"a/{item.rel}"
+            right = "/dev/null" if item.deleted else f"b/{item.rel}"
+            text = differ.diff(left, right, DIFF_FILE_TIMEOUT)
+            if isinstance(text, str):
+                out.leave_out(item.rel, text, item.size, item.sparse)
+            elif total + len(text) > limits.size:
+                out.leave_out(item.rel, "patch_size", item.size, item.sparse)
+            else:
+                chunks.append(_fix_headers(text))
+                total += len(text)
+                out.files += 1
     out.text = b"".join(chunks).decode("utf-8", errors="surrogateescape")
-    return out
 
 
-def _fix_header(diff: bytes, added: bool, deleted: bool) -> bytes:
-    """git names both sides after the file that exists when the other is /dev/null:
-    `diff --git b/x b/x` for an added file; make it `a/x b/x` as git's own diffs say."""
-    if not (added or deleted) or not diff.startswith(b"diff --git "):
-        return diff
-    first, nl, rest = diff.partition(b"\n")
-    names = first[len(b"diff --git "):]
-    half = (len(names) - 1) // 2
-    one = names[:half]  # both names are the same token: "b/x" or "\"b/x\""
-    quote = b'"' if one.startswith(b'"') else b""
-    bare = one[len(quote) + 2:]
-    fixed = b"diff --git " + quote + b"a/" + bare + b" " + quote + b"b/" + bare
-    return fixed + nl + rest
+def _new_root(origin: Path, rel: str) -> str | None:
+    """The outermost directory of `rel` that the origin has no directory for, if any."""
+    parts = rel.split("/")[:-1]
+    for i in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:i])
+        try:
+            if not stat.S_ISDIR(os.lstat(origin / prefix).st_mode):
+                return prefix
+        except FileNotFoundError:
+            return prefix
+    return None
+
+
+def _fix_headers(diff: bytes) -> bytes:
+    """git names both sides after the file that exists when the other is /dev/null
+    (`diff --git b/x b/x` for an added file, `a/x a/x` for a deleted one); make each such
+    header `a/x b/x`, as git's own diffs say. Only section headers start with
+    "diff --git ": hunk lines start with " +-@\\" and binary lines carry no space."""
+    lines = diff.split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.startswith(b"diff --git "):
+            continue
+        names = line[len(b"diff --git "):]
+        half = (len(names) - 1) // 2
+        one = names[:half]  # both names are the same token: "b/x" or "\"b/x\""
+        if names != one + b" " + one:
+            continue
+        quote = b'"' if one.startswith(b'"') else b""
+        bare = one[len(quote) + 2:]
+        lines[i] = b"diff --git " + quote + b"a/" + bare + b" " + quote + b"b/" + bare
+    return b"\n".join(lines)
