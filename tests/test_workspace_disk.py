@@ -229,6 +229,37 @@ def test_copy_mode_without_the_right_to_mount_is_not_ready(airlock, tmp_path):
     no_mount_left()
 
 
+DEEP = r"""
+import os
+with open("/workspace/src/app.py", "w") as f:
+    f.write("print('hello')\n")
+os.chdir("/workspace")
+for _ in range(40):  # 40 x 201 bytes: past PATH_MAX (4096) for the host's absolute path
+    os.mkdir("d" * 200)
+    os.chdir("d" * 200)
+with open("deep.txt", "w") as f:
+    f.write("deep\n")
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_path_past_path_max_is_listed_and_the_rest_comes_back(runs_dir, tmp_path, runtime):
+    # Before, one such path made the special-file sweep raise and the whole patch was lost.
+    ws = workspace(tmp_path)
+    pol = write_policy(tmp_path, "filesystem: {workspace: copy}\nnetwork: {mode: none}\n")
+    code, _, stderr, run_dir, _ = run_measured(
+        runs_dir, "run", "--quiet", "--policy", pol, "--runtime", runtime, "--workspace", str(ws),
+        "--", "python3", "-c", DEEP)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert (code, report["exit_reason"]) == (4, "disk"), stderr
+    assert {f["reason"] for f in report["left_out"]["files"]} == {"unreadable"}, report["left_out"]
+    assert all(f["path"].startswith("d" * 200) for f in report["left_out"]["files"])
+    patch = (run_dir / "changes.patch").read_text()
+    assert "+print('hello')" in patch
+    assert not of(events(run_dir), "workspace.patch_failed")
+    no_mount_left()
+
+
 MANY = r"""
 import os
 for i in range(3):

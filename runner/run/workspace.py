@@ -17,6 +17,7 @@ both treat links as links, so an agent cannot make the host read outside its cop
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -214,18 +215,25 @@ def _special(path: Path) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode))
 
 
-def _index(root: Path) -> dict[str, os.stat_result]:
-    """Every file and link under `root` by relative path, never following a link."""
+def _index(root: Path, unreadable: list[str]) -> dict[str, os.stat_result]:
+    """Every file and link under `root` by relative path, never following a link; what
+    cannot be read (a path past PATH_MAX, say) goes to `unreadable`, not silently away."""
     out: dict[str, os.stat_result] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def note(exc: OSError) -> None:
+        unreadable.append(os.path.relpath(exc.filename or str(root), root))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=note):
         rel_dir = os.path.relpath(dirpath, root)
         for name in [*dirnames, *filenames]:
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
             try:
                 st = os.lstat(os.path.join(dirpath, name))
             except OSError:
+                unreadable.append(rel)
                 continue
             if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                out[name if rel_dir == "." else f"{rel_dir}/{name}"] = st
+                out[rel] = st
     return out
 
 
@@ -307,12 +315,14 @@ def patch(ws: PreparedWorkspace, limits: PatchLimits | None = None) -> Patch:
     limits = limits or PatchLimits(32 << 20, 8 << 20)
     deadline = time.monotonic() + limits.deadline
     # Devices, fifos and sockets the agent made have no place in a patch, and reading
-    # a fifo would hang the host.
+    # a fifo would hang the host. What cannot be reached (a path past PATH_MAX) is
+    # listed by the walk below, never a reason to lose the rest.
     for dirpath, dirnames, filenames in os.walk(ws.copy):
         for name in [*dirnames, *filenames]:
             p = Path(dirpath) / name
-            if _special(p):
-                p.unlink()
+            with contextlib.suppress(OSError):
+                if _special(p):
+                    p.unlink()
     # git runs in a directory where a -> the origin and b -> the copy, so its own header
     # names are already a/<path> and b/<path>; n holds empty directories that stand for
     # the origin's side of directories the agent created.
@@ -331,7 +341,11 @@ def patch(ws: PreparedWorkspace, limits: PatchLimits | None = None) -> Patch:
 def _patch(ws: PreparedWorkspace, limits: PatchLimits, deadline: float, differ: _Differ,
            out: Patch) -> None:
     assert ws.origin is not None and ws.copy is not None
-    before, after = _index(ws.origin), _index(ws.copy)
+    unreadable: list[str] = []
+    before = _index(ws.origin, [])
+    after = _index(ws.copy, unreadable)
+    for rel in sorted(set(unreadable)):
+        out.leave_out(rel, "unreadable", 0)
     todo: list[_Change] = []
     for rel in sorted(before.keys() | after.keys()):
         a, b = before.get(rel), after.get(rel)
@@ -347,7 +361,9 @@ def _patch(ws: PreparedWorkspace, limits: PatchLimits, deadline: float, differ: 
             if not unchanged:
                 out.leave_out(rel, "file_size", size, sparse)
             continue
-        changed = _changed(ws, rel, a, b, deadline) if time.monotonic() <= deadline else None
+        # Past the deadline only the cheap checks still run: an unchanged file is never
+        # listed, one that needs reading is (as "deadline").
+        changed = _changed(ws, rel, a, b, deadline)
         if changed is None:
             out.leave_out(rel, "deadline", size, sparse)
         elif changed:
