@@ -262,8 +262,9 @@ def test_a_path_past_path_max_is_listed_and_the_rest_comes_back(runs_dir, tmp_pa
 
 MANY = r"""
 import os
+os.mkdir("/workspace/gen")  # a new directory: too big to go to git whole under this cap
 for i in range(3):
-    with open(f"/workspace/gen{i}.txt", "w") as f:
+    with open(f"/workspace/gen/gen{i}.txt", "w") as f:
         f.write("".join(f"line {i} {n}\n" for n in range(60000)))
 with open("/workspace/src/app.py", "w") as f:
     f.write("print('hello')\n")
@@ -284,9 +285,9 @@ def test_the_patch_stops_at_its_cap_and_lists_the_rest(runs_dir, tmp_path):
     # Each generated file is ~0.8 MB of diff: one fits, two are listed; the small change
     # after them in path order still comes back.
     left = sorted(f["path"] for f in report["left_out"]["files"])
-    assert left == ["gen1.txt", "gen2.txt"], report["left_out"]
+    assert left == ["gen/gen1.txt", "gen/gen2.txt"], report["left_out"]
     assert {f["reason"] for f in report["left_out"]["files"]} == {"patch_size"}
-    assert "b/gen0.txt" in patch and "+print('hello')" in patch
+    assert "b/gen/gen0.txt" in patch and "+print('hello')" in patch
     applies(ws, patch, tmp_path)
 
 

@@ -390,8 +390,14 @@ def _patch(ws: PreparedWorkspace, limits: PatchLimits, deadline: float, differ: 
         if root in batched:
             assert root is not None
             group = batched.pop(root)
-            (differ.view / "n" / root).mkdir(parents=True, exist_ok=True)
-            text = differ.diff(f"n/{root}", f"b/{root}", DIFF_FILE_TIMEOUT * 4)
+            # git's whole answer is held here before it is measured: batch only what
+            # cannot come out larger than what is left of the patch (a new file's diff
+            # is at most about twice its size: "+" lines, or base85 of deflate).
+            bound = sum(2 * g.size + 512 for g in group)
+            text: bytes | str = "too_big"
+            if total + bound <= limits.size:
+                (differ.view / "n" / root).mkdir(parents=True, exist_ok=True)
+                text = differ.diff(f"n/{root}", f"b/{root}", DIFF_FILE_TIMEOUT * 4)
             if isinstance(text, bytes) and total + len(text) <= limits.size:
                 chunks.append(_fix_headers(text))
                 total += len(text)
