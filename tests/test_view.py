@@ -432,3 +432,111 @@ def test_a_100_mb_log_opens_without_hanging_the_page(page: Any, server: dict[str
     growth_mib = (_rss_kib(pid) - rss_before) / 1024
     assert growth_mib < 60, f"the server grew by {growth_mib:.0f} MiB on a {size >> 20} MiB log"
     shutil.rmtree(run_dir)
+
+
+# -- mounted in a service -------------------------------------------------------------------
+
+
+def _service_app(root: Path) -> tuple[Any, dict[str, str]]:
+    """The viewer as the multi-tenant service mounts it: runs under <root>/<tenant>/,
+    a tenant's key shows its own runs, the operator's all of them."""
+    import hmac
+
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from runner.view import TenantRuns, view_app
+
+    keys = {"acme": "alk_acme_" + "a" * 20, "globex": "alk_globex_" + "g" * 20,
+            "operator": "alk_operator_" + "o" * 20}
+    tenants = TenantRuns(root)
+
+    def runs_for(request: Any) -> Any:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            return None
+        found = None
+        for name, expected in keys.items():
+            if hmac.compare_digest(key.encode(), expected.encode()) and found is None:
+                found = name
+        if found is None:
+            return None
+        return tenants.everyone() if found == "operator" else tenants.of(found)
+
+    return Starlette(routes=[Mount("/view", app=view_app(runs_for))]), keys
+
+
+@pytest.fixture(scope="module")
+def tenant_root(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("service-runs")
+    for tenant, name in (("acme", "rich"), ("globex", "budget")):
+        shutil.copytree(runs[name], root / tenant / runs[name].name)
+    return root
+
+
+def test_in_a_service_a_tenant_sees_only_its_own_runs(tenant_root: Path,
+                                                      runs: dict[str, Path]) -> None:
+    from starlette.testclient import TestClient
+
+    app, keys = _service_app(tenant_root)
+    mine, theirs = runs["rich"].name, runs["budget"].name
+
+    def auth(who: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {keys[who]}"}
+
+    with TestClient(app) as c:
+        assert c.get("/view/api/runs").status_code == 401
+        assert c.get("/view/api/runs", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert c.get(f"/view/api/runs/{mine}").status_code == 401
+        listed = c.get("/view/api/runs", headers=auth("acme")).json()["runs"]
+        assert [r["id"] for r in listed] == [mine]
+        assert c.get(f"/view/api/runs/{mine}", headers=auth("acme")).json()["row"]["refusals"] == 2
+        # Another tenant's run is answered exactly as one that does not exist.
+        for path in (f"/view/api/runs/{theirs}", f"/view/api/runs/{theirs}/events?page=0",
+                     f"/view/api/runs/{theirs}/patch", f"/view/api/runs/{theirs[:-1]}x"):
+            r = c.get(path, headers=auth("acme"))
+            assert (r.status_code, r.json()) == (404, {"error": "no such run"}), path
+        for path in ("/view/api/runs/..%2Fglobex%2F" + theirs, f"/view/api/runs/..%2F..%2F{theirs}",
+                     "/view/api/runs/%2E%2E"):
+            r = c.get(path, headers=auth("acme"))
+            assert r.status_code == 404 and theirs not in r.text, path
+        assert c.get(f"/view/api/runs/{mine}", headers=auth("globex")).status_code == 404
+        everyone = c.get("/view/api/runs", headers=auth("operator")).json()["runs"]
+        assert sorted(r["id"] for r in everyone) == sorted([mine, theirs])
+        assert c.get(f"/view/api/runs/{theirs}", headers=auth("operator")).status_code == 200
+        # The page itself holds no run data: it is served without a key.
+        page = c.get("/view/")
+        assert page.status_code == 200 and mine not in page.text
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+
+
+def test_in_a_service_the_page_asks_for_the_key(page: Any, tenant_root: Path,
+                                                runs: dict[str, Path]) -> None:
+    import threading
+
+    import uvicorn
+
+    from runner.view.local import listen
+
+    app, keys = _service_app(tenant_root)
+    sock = listen(0)
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        page.goto(f"http://127.0.0.1:{port}/view/")
+        page.wait_for_selector("#key")
+        page.fill("#key", keys["acme"])
+        page.press("#key", "Enter")
+        page.wait_for_selector(".run-row")
+        assert [r.get_attribute("data-run") for r in page.locator(".run-row").all()] == \
+            [runs["rich"].name]
+        _open_run(page, {"url": f"http://127.0.0.1:{port}/view/"}, runs["rich"].name)
+        assert _chip(page, "refusal") == 2
+        page.goto(f"http://127.0.0.1:{port}/view/#/run/{runs['budget'].name}")
+        page.wait_for_selector(".error-card")
+        assert "No such run" in page.inner_text(".error-card")
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

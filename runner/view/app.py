@@ -1,4 +1,4 @@
-"""The viewer's HTTP side: static page files and a JSON API over a `RunSource`.
+"""The viewer's HTTP side: static page files and a JSON API over runs.
 
     GET  /                        the page (hash routes: #/ the runs, #/run/ID a run)
     GET  /static/{file}           its script, style sheet and icon (package files)
@@ -8,8 +8,9 @@
                                   byte offset (?offset=&line=&cat=&q=)
     GET  /api/runs/{id}/patch     the copy-mode patch
 
-Every request of the API is let in by `authorize(request)`: None answers 401, and a run
-the returned viewer does not see answers 404, like a run that does not exist. Each
+Every request of the API asks `runs_for(request)` which runs it may see: None answers
+401 (no or a wrong key), and a run outside the source it returns answers 404, exactly as
+a run that does not exist (a tenant learns nothing of another's runs). Each
 response is bounded (lines per page, bytes per line, bytes per response, bytes scanned
 per request): a 100 MB log is never read whole into memory, nor sent to the page.
 """
@@ -42,9 +43,10 @@ from runner.view.index import (
     category,
     read_lines,
 )
-from runner.view.source import RunSource, Viewer
+from runner.view.source import RunSource
 
-Authorize = Callable[[Request], Viewer | None]
+# The runs a request may see (the caller's own, or all of them), or None: not let in.
+RunsFor = Callable[[Request], RunSource | None]
 
 LIST_LIMIT = 500  # runs per list response
 LIST_SCAN = 64 << 20  # log bytes a list request indexes, over all its runs
@@ -53,7 +55,7 @@ POLICY_CAP = 256 << 10
 PATCH_CAP = 2 << 20
 RAW_SHOWN = 4000  # characters of an unparseable line sent to the page
 QUERY_CAP = 200
-INDEXES = 256  # runs whose index is kept
+INDEXES = 2 * LIST_LIMIT  # runs whose index is kept: more than one list shows
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -98,8 +100,7 @@ def _static(name: str) -> bytes:
 class _Runs:
     """Indexes and parsed reports, kept for the runs seen last (LRU)."""
 
-    def __init__(self, source: RunSource) -> None:
-        self.source = source
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._indexes: OrderedDict[str, LogIndex] = OrderedDict()
         self._reports: OrderedDict[str, tuple[tuple[int, int], dict[str, Any] | None]] = OrderedDict()
@@ -227,17 +228,17 @@ def _row(run_id: str, report: dict[str, Any] | None, idx: LogIndex) -> dict[str,
     }
 
 
-def view_app(source: RunSource, authorize: Authorize) -> ASGIApp:
-    runs = _Runs(source)
+def view_app(runs_for: RunsFor) -> ASGIApp:
+    runs = _Runs()
     page = _static("index.html")
 
     def locate(request: Request) -> tuple[str, Path] | Response:
-        viewer = authorize(request)
-        if viewer is None:
+        source = runs_for(request)
+        if source is None:
             return JSONResponse({"error": "a key is needed"}, 401,
                                 headers={"WWW-Authenticate": "Bearer"})
         run_id = request.path_params["run_id"]
-        run_dir = source.run_dir(run_id) if viewer.sees(run_id) else None
+        run_dir = source.run_dir(run_id)
         if run_dir is None:
             return JSONResponse({"error": "no such run"}, 404)
         return run_id, run_dir
@@ -252,8 +253,8 @@ def view_app(source: RunSource, authorize: Authorize) -> ASGIApp:
         return Response(_static(name), media_type=STATIC[name])
 
     def list_runs(request: Request) -> Response:
-        viewer = authorize(request)
-        if viewer is None:
+        source = runs_for(request)
+        if source is None:
             return JSONResponse({"error": "a key is needed"}, 401,
                                 headers={"WWW-Authenticate": "Bearer"})
         budget = LIST_SCAN
@@ -262,8 +263,6 @@ def view_app(source: RunSource, authorize: Authorize) -> ASGIApp:
         for run_id in source.run_ids():
             if len(rows) >= LIST_LIMIT:
                 break
-            if not viewer.sees(run_id):
-                continue
             run_dir = source.run_dir(run_id)
             if run_dir is None:
                 continue

@@ -23,7 +23,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runner.view.app import SECURITY_HEADERS, view_app
-from runner.view.source import ALL_RUNS, LocalRuns
+from runner.view.source import LocalRuns
 
 
 class TokenGate:
@@ -75,7 +75,8 @@ def listen(port: int = 0) -> socket.socket:
 
 
 def local_app(runs_root: Path, token: str, port: int) -> ASGIApp:
-    return TokenGate(view_app(LocalRuns(runs_root), lambda request: ALL_RUNS), token, port)
+    runs = LocalRuns(runs_root)
+    return TokenGate(view_app(lambda request: runs), token, port)
 
 
 def serve(runs_root: Path, run_id: str | None, *, port: int = 0, browser: bool = True,
