@@ -6,11 +6,15 @@ its token, its headers and its memory bound."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +98,42 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         policy = _policy(tmp, "budget", up.url, "budgets: {requests: 1}\n")
         code, out["budget"] = _run(root, "--policy", policy, *_session(ws2, {"ok": 3}), env=env)
         assert code == 4
+
+    # Proxy mode: one connection through the host to a listener here, one refused.
+    echo = socket.socket()
+    echo.bind(("127.0.0.1", 0))
+    echo.listen(4)
+    port = echo.getsockname()[1]
+
+    def answer() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = echo.accept()
+            conn.sendall(b"pong " + conn.recv(100))
+            conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    policy_path = tmp / "proxy.yaml"
+    policy_path.write_text(f"""\
+extends: default
+network:
+  mode: proxy
+  allow: ["localhost:{port}"]
+  allow_private: ["127.0.0.0/8"]
+""")
+    try:
+        code, out["proxy"] = _run(root, "--policy", str(policy_path), "--workspace", str(PROBES),
+                                  "--", "python3", "/workspace/proxy_client.py",
+                                  f"localhost:{port}", "blocked.test:443")
+    finally:
+        echo.close()
+    assert code == 0
+
+    # The builtin agent, replaying a recorded session (`make demo`): steps and tool calls.
+    before = set(os.listdir(root))
+    demo = subprocess.run([sys.executable, "-m", "runner.demo"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "AIRLOCK_RUNS_DIR": str(root)})
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+    out["demo"] = root / sorted(set(os.listdir(root)) - before)[-1]
 
     code, out["tampered"] = _run(root, "--", "sh", "-c", "echo one; echo two")
     assert code == 0
@@ -204,6 +244,10 @@ def test_every_request_needs_the_token(server: dict[str, Any], runs: dict[str, P
         assert c.get(f"{url}api/runs/..%2F..%2Fetc").status_code == 404
         assert c.get(f"{url}api/runs/no-such-run").status_code == 404
         assert c.get(f"{url}static/../index.py").status_code == 404
+    bad = subprocess.run([*AIRLOCK, "view", "--no-browser", "no-such-run"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "AIRLOCK_RUNS_DIR": str(server["root"])})
+    assert bad.returncode == 2 and "no run 'no-such-run'" in bad.stderr, bad.stderr
 
 
 # -- the page -------------------------------------------------------------------------------------
@@ -212,7 +256,7 @@ def test_every_request_needs_the_token(server: dict[str, Any], runs: dict[str, P
 def test_the_list_shows_each_runs_counts(page: Any, server: dict[str, Any],
                                          runs: dict[str, Path]) -> None:
     page.goto(server["url"])
-    until(page, "document.querySelectorAll('.run-row').length === 3 && "
+    until(page, f"document.querySelectorAll('.run-row').length === {len(runs)} && "
                            "!document.querySelector('#runs').innerText.includes('checking')")
     for name, run_dir in runs.items():
         report = json.loads((run_dir / "report.json").read_text())
@@ -232,7 +276,8 @@ def test_the_list_shows_each_runs_counts(page: Any, server: dict[str, Any],
     # Filter and search.
     page.check("#run-refused")
     assert {r.get_attribute("data-run") for r in page.locator(".run-row").all()} == \
-        {runs["rich"].name, runs["budget"].name}  # over its budget, the gateway refuses
+        {runs["rich"].name, runs["budget"].name, runs["proxy"].name}  # over its budget,
+    # the gateway refuses too
     page.uncheck("#run-refused")
     page.check("#run-unverified")
     assert [r.get_attribute("data-run") for r in page.locator(".run-row").all()] == \
@@ -302,6 +347,48 @@ def test_a_run_shows_its_timeline_refusals_meters_and_patch(
     if SHOTS:
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(Path(SHOTS) / "view-run.png"), full_page=True)
+
+
+def test_proxy_connections_and_what_the_policy_widened(page: Any, server: dict[str, Any],
+                                                        runs: dict[str, Path]) -> None:
+    run_dir = runs["proxy"]
+    events = _events(run_dir)
+    widened = [e["data"]["detail"] for e in events if e["type"] == "policy.widened"]
+    assert any("127.0.0.0/8" in w for w in widened), widened
+    _open_run(page, server, run_dir.name)
+    assert page.locator("#policy .widened li").all_inner_texts() == widened
+    assert _chip(page, "proxy") == sum(e["type"].startswith("proxy.") and
+                                       not e["type"].endswith(".refused") for e in events)
+    allowed = next(e for e in events if e["type"] == "proxy.allowed")
+    assert allowed["data"]["target"] in page.inner_text(
+        f"#events .ev[data-line='{allowed['seq']}']")
+    refused = next(e for e in events if e["type"] == "proxy.refused")
+    row = page.locator(f"#events .ev[data-line='{refused['seq']}']")
+    assert "refused" in (row.get_attribute("class") or "")
+    assert refused["data"]["reason"] in row.inner_text()
+    assert "blocked.test:443" in page.inner_text("#refusals")
+
+
+def test_agent_steps_and_tool_calls(page: Any, server: dict[str, Any],
+                                    runs: dict[str, Path]) -> None:
+    run_dir = runs["demo"]
+    events = _events(run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    calls = [e for e in events if e["type"] == "agent.tool_call"]
+    assert calls
+    # The meter drawn from the log ends where the host's own count did.
+    summary = httpx.get(f"{server['url']}api/runs/{run_dir.name}", timeout=30).json()
+    assert summary["meters"]["series"][-1][1] == report["budgets"]["steps"]["used"]
+    assert summary["meters"]["series"][-1][2] == report["budgets"]["requests"]["used"]
+    assert summary["meters"]["series"][-1][3] == report["budgets"]["tokens"]["used"]
+    _open_run(page, server, run_dir.name)
+    steps = report["budgets"]["steps"]
+    assert page.inner_text("#meters [data-counter=steps] .meter-val") == \
+        f"{steps['used']} / {steps['limit']}"
+    assert _chip(page, "agent") == sum(e["source"] == "agent" for e in events)
+    row = page.inner_text(f"#events .ev[data-line='{calls[0]['seq']}']")
+    assert calls[0]["data"]["name"] in row
+    assert page.locator("#diff .dl.add").count() >= 1  # the fix came back as a patch
 
 
 def test_what_the_agent_wrote_renders_as_text(page: Any, server: dict[str, Any],
