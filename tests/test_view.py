@@ -444,6 +444,8 @@ def test_a_running_run_updates_live(page: Any, server: dict[str, Any],
         rid = sorted(set(os.listdir(root)) - before)[-1]
         log = root / rid / "events.jsonl"
         assert wait_for(lambda: log.exists() and b"tick 3" in log.read_bytes(), 120)
+        asked: list[str] = []
+        page.on("request", lambda r: asked.append(r.url))
         page.goto(server["url"] + "#/run/" + rid)
         page.wait_for_selector("#events .ev")
         assert page.inner_text(".run-head .badge") == "running"
@@ -454,6 +456,8 @@ def test_a_running_run_updates_live(page: Any, server: dict[str, Any],
         until(page, f"document.querySelectorAll('#events .ev.cat-agent').length > {seen_ticks} + 3",
               timeout=60)
         assert _chip(page, "all") > first
+        # It follows by byte offset: only what was appended since the last answer.
+        assert any("/events?offset=" in u for u in asked), asked
         assert proc.wait(timeout=120) == 0
         until(page, "document.querySelector('.run-head .badge').innerText === 'succeeded'",
                                timeout=30)

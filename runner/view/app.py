@@ -57,7 +57,7 @@ RAW_SHOWN = 4000  # characters of an unparseable line sent to the page
 QUERY_CAP = 200
 INDEXES = 2 * LIST_LIMIT  # runs whose index is kept: more than one list shows
 
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 SECURITY_HEADERS = [
     (b"content-security-policy", CSP.encode()),
@@ -357,13 +357,20 @@ def view_app(runs_for: RunsFor) -> ASGIApp:
                 next_offset, next_line = ln.offset + ln.size, ln.line + 1
                 if needle and (ln.text is None or needle not in ln.text.lower()):
                     continue
-                item = _line_item(ln.line, ln.offset, ln.size, ln.text)
+                if sent >= RESPONSE_BYTES and not (cats or needle):
+                    # A page keeps its numbering whole: past the response's bytes, a line
+                    # is named, not sent.
+                    item = _line_item(ln.line, ln.offset, ln.size, None)
+                    item["raw"] = (f"(a line of {ln.size} bytes, not sent: this page of the "
+                                   f"log is over {RESPONSE_BYTES >> 20} MiB)")
+                else:
+                    item = _line_item(ln.line, ln.offset, ln.size, ln.text)
                 if cats and item["cat"] not in cats:
                     continue
                 item["broken"] = ln.line == broken
                 out.append(item)
-                sent += ln.size
-                if len(out) >= limit or sent >= RESPONSE_BYTES:
+                sent += ln.size if item["event"] is not None else len(item["raw"] or "")
+                if len(out) >= limit or (sent >= RESPONSE_BYTES and (cats or needle)):
                     break
         except OSError:
             return JSONResponse({"error": "the log cannot be read"}, 404)

@@ -265,13 +265,14 @@
       const wasLive = view.summary && view.summary.row.live;
       view.summary = s;
       drawSummary(view, el);
-      if (first || (view.mode === "page" && (s.row.live || wasLive || !s.log.done) && view.follow)) {
-        if (first && !s.row.live) view.follow = false;
-        await loadEvents(view, el, first && s.row.live ? "last" : undefined);
+      if (first) {
+        if (!s.row.live) view.follow = false;
+        await loadEvents(view, el, s.row.live ? "last" : undefined);
+      } else if (view.follow && view.mode === "page" && (s.row.live || wasLive)) {
+        await followTail(view, el); // new lines only, read from where the last ones ended
       }
       if (!s.log.done) later(poll, 300);
       else if (s.row.live) later(poll, 1000);
-      else if (wasLive) loadEvents(view, el); // the run just ended: its last lines
       activity.textContent = s.row.live ? "live" : !s.log.done ? "indexing…" : "";
     };
     poll();
@@ -508,8 +509,32 @@
       }
     } catch (err) { if (err.status !== 401) view.note.textContent = "The log cannot be read: " + err.message; return; }
     view.lastData = data;
+    view.tail = view.mode === "page" && data.page === s.log.pages - 1
+      ? { offset: data.next_offset, line: data.next_line } : null;
     drawPager(view, el, data);
     drawRows(view, el, data.events);
+  }
+
+  // Following a running run: ask for the lines after the last one shown (by byte offset),
+  // append them, and keep the newest page's worth in the document.
+  async function followTail(view, el) {
+    if (!view.tail) { await loadEvents(view, el, "last"); return; }
+    const s = view.summary;
+    const params = new URLSearchParams({ offset: view.tail.offset, line: view.tail.line, limit: 500 });
+    let data;
+    try { data = await api("api/runs/" + encodeURIComponent(view.id) + "/events?" + params.toString()); }
+    catch (err) { return; }
+    if (!view.follow || view.mode !== "page") return;
+    view.tail = { offset: data.next_offset, line: data.next_line };
+    if (!data.events.length) return;
+    const empty = view.rows.querySelector(".empty");
+    if (empty) empty.remove();
+    const brokenLine = s.verification.state === "broken" ? s.verification.line : null;
+    for (const item of data.events) view.rows.append(eventRow(view, item, s.first_ts || 0, brokenLine));
+    while (view.rows.children.length > s.log.page_lines) view.rows.firstChild.remove();
+    const info = view.pager.querySelector("#pg-info");
+    if (info) info.textContent = `Following · lines ${num(+view.rows.firstChild.dataset.line)}–${num(data.next_line - 1)} of ${num(Math.max(s.log.lines, data.next_line - 1))}`;
+    view.rows.scrollTop = view.rows.scrollHeight;
   }
 
   function drawPager(view, el, data) {
