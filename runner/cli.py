@@ -30,9 +30,12 @@ app = typer.Typer(
 policy_app = typer.Typer(help="Check, show and compile policies.", no_args_is_help=True)
 images_app = typer.Typer(help="Build and list sandbox images.", no_args_is_help=True)
 runs_app = typer.Typer(help="Past runs.", no_args_is_help=True)
+remote_app = typer.Typer(help="Runs on an Airlock service (airlock serve --config).",
+                         no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 app.add_typer(images_app, name="images")
 app.add_typer(runs_app, name="runs")
+app.add_typer(remote_app, name="remote")
 
 
 def _fail(exc: AirlockError, *, json_out: bool = False) -> None:
@@ -69,8 +72,17 @@ def run(
     mcp_tool: Annotated[list[str] | None, typer.Option("--mcp-tool", help="module:function exposed as an MCP tool; repeat for more.", metavar="MODULE:FUNC")] = None,
     mcp_server: Annotated[list[str] | None, typer.Option("--mcp-server", help="'CMD ARGS' of an MCP server the host starts; repeat for more.", metavar="'CMD ARGS'")] = None,
     enable_tool: Annotated[list[str] | None, typer.Option("--enable-tool", help="A tool of --mcp-server to expose; repeat for more.", metavar="TOOL")] = None,
+    server: Annotated[str | None, typer.Option("--server", help="Run on this Airlock service (URL, host:port or unix:/path), as `airlock remote run`.")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="The tenant key for --server (default: $AIRLOCK_KEY).")] = None,
 ) -> None:
     """Run an agent (or a command) inside a sandbox under a policy."""
+    if server is not None:
+        if workspace is not None and not str(workspace).startswith("/"):
+            workspace = workspace.resolve()
+        _remote(lambda c: _rc().remote_run(
+            c, task, agent=agent, policy=None if policy == "default" else policy, model=model,
+            workspace=str(workspace) if workspace else None, json_out=json_out, quiet=quiet),
+            server, key)
     from runner.run.launch import launch
     from runner.server.paths import default_socket
 
@@ -84,6 +96,83 @@ def run(
     except AirlockError as exc:
         _fail(exc, json_out=json_out)
     raise typer.Exit(code)
+
+
+
+# -- remote (a service) ------------------------------------------------------------------
+
+def _rc() -> Any:
+    from runner.client import cli as remote_cli
+
+    return remote_cli
+
+
+def _remote(call: Any, server: str | None, key: str | None) -> None:
+    from runner.client import Client
+
+    try:
+        with Client(server, key) as client:
+            code = call(client)
+    except AirlockError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
+@remote_app.command("run", context_settings={"allow_interspersed_args": False})
+def remote_run(
+    task: Annotated[list[str], typer.Argument(help="The prompt, or the command (after --).")],
+    server: Annotated[str | None, typer.Option("--server", envvar="AIRLOCK_SERVER", help="The service: URL, host:port or unix:/path ($AIRLOCK_SERVER).")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="The tenant key (default: $AIRLOCK_KEY).")] = None,
+    policy: Annotated[str | None, typer.Option("--policy", "-p", help="Preset name or file, applied on top of the tenant's floor.")] = None,
+    agent: Annotated[str, typer.Option("--agent", "-a", help="command|builtin|codex|claude-code")] = "command",
+    model: Annotated[str | None, typer.Option(help="Model, role or alias the policy allows.")] = None,
+    workspace: Annotated[str | None, typer.Option("--workspace", "-w", help="A directory under the tenant's workspaces root, on the service's host.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON event per line on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the agent's own output.")] = False,
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Print the run's id and return.")] = False,
+) -> None:
+    """Submit a run to the service, stream its output, exit with its exit code."""
+    _remote(lambda c: _rc().remote_run(c, task, agent=agent, policy=policy, model=model,
+                                       workspace=workspace, json_out=json_out, detach=detach,
+                                       quiet=quiet), server, key)
+
+
+@remote_app.command("status")
+def remote_status(run_id: str, server: Annotated[str | None, typer.Option("--server", envvar="AIRLOCK_SERVER", help="The service: URL, host:port or unix:/path ($AIRLOCK_SERVER).")] = None, key: Annotated[str | None, typer.Option("--key", help="The tenant key (default: $AIRLOCK_KEY).")] = None) -> None:
+    """A run's status, exit code and usage."""
+    _remote(lambda c: _rc().remote_status(c, run_id), server, key)
+
+
+@remote_app.command("events")
+def remote_events(
+    run_id: str,
+    server: Annotated[str | None, typer.Option("--server", envvar="AIRLOCK_SERVER", help="The service: URL, host:port or unix:/path ($AIRLOCK_SERVER).")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="The tenant key (default: $AIRLOCK_KEY).")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the run ends.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="sse or jsonl (the stream the service sends).")] = "sse",
+    json_out: Annotated[bool, typer.Option("--json", help="Events as JSON lines.")] = False,
+) -> None:
+    """A run's events (hash-chained, as logged on the service)."""
+    _remote(lambda c: _rc().remote_events(c, run_id, follow=follow, fmt=fmt, json_out=json_out),
+            server, key)
+
+
+@remote_app.command("cancel")
+def remote_cancel(run_id: str, server: Annotated[str | None, typer.Option("--server", envvar="AIRLOCK_SERVER", help="The service: URL, host:port or unix:/path ($AIRLOCK_SERVER).")] = None, key: Annotated[str | None, typer.Option("--key", help="The tenant key (default: $AIRLOCK_KEY).")] = None) -> None:
+    """Cancel a queued or running run."""
+    _remote(lambda c: _rc().remote_cancel(c, run_id), server, key)
+
+
+@remote_app.command("usage")
+def remote_usage(server: Annotated[str | None, typer.Option("--server", envvar="AIRLOCK_SERVER", help="The service: URL, host:port or unix:/path ($AIRLOCK_SERVER).")] = None, key: Annotated[str | None, typer.Option("--key", help="The tenant key (default: $AIRLOCK_KEY).")] = None) -> None:
+    """This tenant's usage."""
+    _remote(lambda c: _rc().remote_usage(c), server, key)
+
+
+@remote_app.command("list")
+def remote_list(server: Annotated[str | None, typer.Option("--server", envvar="AIRLOCK_SERVER", help="The service: URL, host:port or unix:/path ($AIRLOCK_SERVER).")] = None, key: Annotated[str | None, typer.Option("--key", help="The tenant key (default: $AIRLOCK_KEY).")] = None) -> None:
+    """This tenant's runs, newest first."""
+    _remote(lambda c: _rc().remote_list(c), server, key)
 
 
 # -- policy ------------------------------------------------------------------------------

@@ -15,8 +15,18 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 
+def _remote(args: list[str]) -> bool:
+    """`airlock run --server URL`: a run for a service, not for the per-user server."""
+    for arg in args:
+        if arg == "--":
+            return False
+        if arg == "--server" or arg.startswith("--server="):
+            return True
+    return False
+
+
 def main(full_cli: Callable[[], None] | None = None) -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "run":
+    if len(sys.argv) > 1 and sys.argv[1] == "run" and not _remote(sys.argv[2:]):
         from runner.server.client import run_via_server
 
         code = run_via_server(sys.argv[2:])

@@ -122,7 +122,7 @@ def reconcile(store: Store, host_id: str, engine: Engine | None, runs_dir: Path)
             if r.status == "running" or (r.ended_at or 0) >= since]
     objects: list[ManagedObject] = engine.managed() if engine is not None else []
     for rec in mine:
-        run_dir = Path(rec.run_dir) if rec.run_dir else runs_dir / rec.id
+        run_dir = Path(rec.run_dir) if rec.run_dir else _run_dir(runs_dir, rec.tenant, rec.id)
         events, _, _ = _read_events(run_dir / "events.jsonl")
         ids = {c for c in (rec.container, *_containers_in_log(events)) if c}
         held = [o for o in objects
@@ -152,6 +152,12 @@ def reconcile(store: Store, host_id: str, engine: Engine | None, runs_dir: Path)
                      exit_reason=rec.exit_reason if rec.status == "lost" else "host_restarted"):
             out.logs_closed.append(rec.id)
     return out
+
+
+def _run_dir(runs_dir: Path, tenant: str, run_id: str) -> Path:
+    """Where a run that recorded no directory lives: per tenant, or flat."""
+    per_tenant = runs_dir / tenant / run_id
+    return per_tenant if per_tenant.is_dir() else runs_dir / run_id
 
 
 def _report(run_dir: Path) -> dict[str, Any] | None:
