@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 from collections.abc import Callable
 
 from runner.errors import AirlockError, ExitCode
@@ -29,6 +31,37 @@ def _pools(engine: Engine, ok: Callable[[str], None], bad: Callable[[str, str], 
        f"(AIRLOCK_POOL=0 turns the per-user server's pool off)")
 
 
+# The first gVisor build whose statx accepts AT_NO_AUTOMOUNT, which coreutils always
+# passes (measured: ../shared/research/engine-on-this-machine.md). Older ones answer
+# `ls`, `stat`, `find` ... with EINVAL for every path.
+GVISOR_MIN_DATE = "20240729"
+GVISOR_FIX = ("install a newer runsc (scripts/fetch-runsc.sh fetches Debian 13's without "
+              "touching the host's apt sources), point the engine's runsc runtime at it "
+              "and reload the engine (kill -HUP dockerd)")
+
+
+def gvisor_date(path: str) -> str | None:
+    """The release date (YYYYMMDD) in a runsc binary's --version, when it can be run here."""
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"(20\d{6})", out)
+    return m.group(1) if m else None
+
+
+def gvisor_finding(path: str | None) -> tuple[bool, str]:
+    """(fit, message) for the runsc binary an engine runs."""
+    date = gvisor_date(path) if path else None
+    if date is None:
+        return True, f"runsc at {path}: version not readable from here (a remote engine?)"
+    if date < GVISOR_MIN_DATE:
+        return False, (f"runtime runsc is gVisor {date}, older than {GVISOR_MIN_DATE}: its statx "
+                       "rejects AT_NO_AUTOMOUNT, so coreutils' ls, stat and find fail with "
+                       "'Invalid argument' inside runsc sandboxes (Python's os.stat works)")
+    return True, f"runtime runsc is gVisor {date}"
+
+
 def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> int:
     from runner.engines.docker_engine import connect
     from runner.images.build import SPECS, image_tag
@@ -38,6 +71,10 @@ def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> 
 
     def ok(msg: str) -> None:
         echo(f"ok    {msg}")
+
+    def warn(msg: str, fix: str) -> None:
+        # A limit, not a fault: runs work, some tools inside them do not.
+        echo(f"WARN  {msg}\n      fix: {fix}")
 
     def bad(msg: str, fix: str) -> None:
         nonlocal problems
@@ -61,6 +98,11 @@ def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> 
                         "restart the engine")
                 else:
                     ok("runtime runsc registered with --network=none --host-uds --oci-seccomp")
+                fit, message = gvisor_finding(engine.runtime_path("runsc"))
+                if fit:
+                    ok(message)
+                else:
+                    warn(message, GVISOR_FIX)
             elif rt in info.runtimes:
                 ok(f"runtime {rt} registered")
             else:
@@ -76,7 +118,7 @@ def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> 
                 bad(f"image {tag} is not built", f"airlock images build {name}")
             else:
                 # An agent's own image matters only to runs of that agent.
-                echo(f"--    image {tag} is not built (needed by --agent {name} only: "
+                echo(f"--    image {tag} is not built (needed by --agent {name} or --image {name} only: "
                      f"airlock images build {name})")
         _pools(engine, ok, bad)
     except AirlockError as exc:

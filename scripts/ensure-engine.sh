@@ -38,7 +38,6 @@ LOG=/var/log/airlock-dockerd.log
 
 need=()
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
-command -v runsc >/dev/null 2>&1 || need+=(runsc)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 if [ ${#need[@]} -gt 0 ]; then
     say "installing Debian packages: ${need[*]}"
@@ -48,12 +47,21 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${need[@]}" iproute2 >/dev/null
 fi
 
+# Debian 12's own runsc (2022-12) fails `ls`/`stat` (statx); a newer one comes from
+# Debian 13. Only if that cannot be had is the older one installed, with a warning
+# (`airlock doctor` says the same).
+if ! RUNSC=$("$(dirname "$0")/fetch-runsc.sh"); then
+    say "WARNING: no runsc from Debian 13; using Debian's own (ls/stat fail under it, see airlock doctor)"
+    command -v runsc >/dev/null 2>&1 || apt-get install -y -qq --no-install-recommends runsc >/dev/null
+    RUNSC=$(command -v runsc)
+fi
+
 mkdir -p "$CONF_DIR"
 cat > "$CONF.tmp" <<JSON
 {
   "runtimes": {
     "runsc": {
-      "path": "$(command -v runsc)",
+      "path": "$RUNSC",
       "runtimeArgs": ["--network=none", "--host-uds=open", "--oci-seccomp"]
     }
   }

@@ -52,3 +52,29 @@ def test_probe_tells_auth_failure_from_unavailable_model(airlock, tmp_path):
         assert "probe: the model is not available to this account" in no_model.stdout
         assert "provider.models.default" in no_model.stdout
     assert wrong_key.code == 3 and no_model.code == 3
+
+
+def _fake_runsc(tmp_path, version: str) -> str:
+    path = tmp_path / f"runsc-{version}"
+    path.write_text(f"#!/bin/sh\necho 'runsc version {version}'\necho 'spec: 1.0.2-dev'\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_an_older_gvisor_is_named_with_its_limit_and_the_fix(tmp_path):
+    from runner.doctor import GVISOR_FIX, gvisor_finding
+
+    fit, message = gvisor_finding(_fake_runsc(tmp_path, "0.0~20221219.0"))
+    assert not fit
+    assert "gVisor 20221219" in message and "Invalid argument" in message and "statx" in message
+    assert "scripts/fetch-runsc.sh" in GVISOR_FIX
+    new = gvisor_finding(_fake_runsc(tmp_path, "0.0~20240729.0"))
+    assert new == (True, "runtime runsc is gVisor 20240729")
+    assert gvisor_finding(_fake_runsc(tmp_path, "release-20250106.0"))[0]
+    assert gvisor_finding(str(tmp_path / "absent"))[0]
+
+
+def test_the_engine_this_suite_runs_on_has_a_fit_gvisor(airlock):
+    """`make engine` registers a runsc whose statx works (scripts/fetch-runsc.sh)."""
+    r = airlock("doctor")
+    assert "ok    runtime runsc is gVisor 2" in r.stdout, r.stdout

@@ -191,6 +191,12 @@ class DockerEngine(Engine):
             endpoint=self.client.api.base_url,
         )
 
+    def runtime_path(self, name: str) -> str | None:
+        """The binary the engine runs for a registered OCI runtime (as the engine sees it)."""
+        runtime = (self.client.info().get("Runtimes") or {}).get(name) or {}
+        path = runtime.get("path")
+        return str(path) if path else None
+
     def runtime_args(self, name: str) -> list[str]:
         """The arguments the engine passes to a registered OCI runtime."""
         runtime = (self.client.info().get("Runtimes") or {}).get(name) or {}

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import NotReady
-from runner.images.bootstrap import bootstrap_rootfs, rootfs_tag
+from runner.images.bootstrap import SUITE, bootstrap_rootfs, rootfs_tag
+from runner.images.debs import install_debs
 from runner.images.hostconfig import custom_ca_bundle, debian_mirror
 
 REPO = "airlock"
@@ -41,6 +42,10 @@ def images_dir() -> Path:
 
 Progress = Callable[[str], None]
 
+# What coding agents call without asking: measured in docs/performance.md (+111 MB on the
+# 118 MB root, no change in start cost). The C toolchain and node are in `dev`.
+BASE_TOOLS = ("git", "make", "ripgrep", "patch", "diffutils", "procps", "jq", "file")
+
 
 @dataclass(frozen=True)
 class ImageSpec:
@@ -52,6 +57,9 @@ class ImageSpec:
     pip: tuple[str, ...] = ()
     # npm packages packed on the host side into the context (offline build).
     npm: tuple[str, ...] = ()
+    # Debian packages fetched on the host and installed before the Dockerfile runs, in a
+    # container with no network (runner/images/aptfetch.py, `install_debs`).
+    apt: tuple[str, ...] = ()
     description: str = ""
 
 
@@ -63,7 +71,9 @@ def sandbox_files(*names: str) -> dict[str, Path]:
 
 SPECS: dict[str, ImageSpec] = {
     "base": ImageSpec("base", None, sandbox_files("shim.py", "selftest.py"),
-                      description="Debian, python3, the in-sandbox shim, a non-root user"),
+                      apt=BASE_TOOLS,
+                      description="Debian, python3, everyday tools (git, make, rg, jq, ...), "
+                                  "the in-sandbox shim, a non-root user"),
 }
 
 
@@ -96,7 +106,7 @@ def image_tag(name: str) -> str:
     h.update(_dockerfile(name).read_bytes())
     for rel, path in sorted(spec.files.items()):
         h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
-    for group, items in (("pip", spec.pip), ("npm", spec.npm)):
+    for group, items in (("pip", spec.pip), ("npm", spec.npm), ("apt", spec.apt)):
         h.update(f"{group}:{json.dumps(sorted(items))}".encode())
     return f"{REPO}/{name}:{h.hexdigest()[:16]}"
 
@@ -201,7 +211,11 @@ def build(name: str, client: Any, progress: Progress = print, *, force: bool = F
             progress(f"{tag} is up to date")
         else:
             progress(f"building {tag} ...")
-            ctx, buildargs = _context(spec_for(step), parent_tag, progress)
+            spec = spec_for(step)
+            if spec.apt:
+                parent_tag = install_debs(client, parent_tag, spec.apt, SUITE,
+                                          f"{REPO}/{step}-debs", progress)
+            ctx, buildargs = _context(spec, parent_tag, progress)
             try:
                 _stream_build(client, ctx, tag, buildargs, progress)
             finally:

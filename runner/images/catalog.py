@@ -14,7 +14,13 @@ CLAUDE_CODE_VERSION = "2.1.330"
 # mean the same packages.
 BUILTIN_PACKAGES = ("anthropic==2.12.0", "openai==3.54.0", "mcp==2.3.0", "httpx==0.28.1")
 
+# A C toolchain and Node.js: too big for `base` (docs/performance.md), here for the runs
+# that build code.
+DEV_PACKAGES = ("gcc", "g++", "libc6-dev", "nodejs")
+
 _CANDIDATES = [
+    ImageSpec("dev", "base", apt=DEV_PACKAGES,
+              description="base plus gcc, g++, libc6-dev and Node.js"),
     ImageSpec("builtin", "base", files=sandbox_files("agent_loop.py"),
               pip=BUILTIN_PACKAGES,
               description="Airlock's own agent loop with the anthropic, openai and mcp SDKs"),

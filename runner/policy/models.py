@@ -45,6 +45,11 @@ DEFAULT_SYSCALL_GROUPS = [
     "threads",
     "net-unix",
     "net-inet",
+    # Without capabilities and with no-new-privileges these only shuffle the process's own
+    # ids; glibc's posix_spawn with POSIX_SPAWN_RESETIDS calls setresuid/setresgid, and
+    # GNU make spawns every recipe that way (EPERM without them: `make: sh: Operation
+    # not permitted`). Docker's own default profile allows them too.
+    "identity",
 ]
 
 

@@ -246,13 +246,14 @@ GROUPS: dict[str, frozenset[str]] = {
     # GROUP_FAMILIES); socketpair is always AF_UNIX-only.
     "net-unix": _names(_NET_CALLS),
     "net-inet": _names(_NET_CALLS),
-    # Optional groups, none of them in the default set.
+    # Optional groups, not in the default set (but for `identity`, below).
     "aio": _names("io_setup io_destroy io_submit io_cancel io_getevents io_pgetevents"),
     "ipc": _names("""
         shmget shmat shmdt shmctl semget semop semctl semtimedop msgget msgsnd msgrcv msgctl
         mq_open mq_unlink mq_timedsend mq_timedreceive mq_notify mq_getsetattr
     """),
-    # Without capabilities these can only drop or shuffle the process's own ids.
+    # Without capabilities these can only drop or shuffle the process's own ids. In the
+    # default set (make needs them, see DEFAULT_SYSCALL_GROUPS).
     "identity": _names("""
         setuid setgid setreuid setregid setresuid setresgid setgroups setfsuid setfsgid capset
     """),
