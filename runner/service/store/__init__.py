@@ -17,8 +17,7 @@ from runner.service.store.base import (
     Store,
     StoreError,
 )
-from runner.service.store.lease import HostLease
 from runner.service.store.sql import SqlStore, new_run_id, open_store
 
-__all__ = ["ACTIVE", "ENDED", "STATUSES", "HostLease", "HostRecord", "Quota", "QuotaExceeded", "RunRecord",
+__all__ = ["ACTIVE", "ENDED", "STATUSES", "HostRecord", "Quota", "QuotaExceeded", "RunRecord",
            "RunStatus", "SqlStore", "Store", "StoreError", "new_run_id", "open_store"]
