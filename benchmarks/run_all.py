@@ -22,6 +22,7 @@ BENCHES = {
     "concurrency": ("bench_concurrency.py", [], ["--sizes", "4"]),
     "events": ("bench_events.py", [], ["--events", "5000", "--rounds", "3"]),
     "pool": ("bench_pool.py", [], ["-n", "5", "--burst", "8"]),
+    "store": ("bench_store.py", [], ["-n", "50"]),
 }
 
 
