@@ -229,8 +229,16 @@ def test_kill_9_of_the_service_and_restart(engine, tmp_path: Path, database_url:
     svc = make_service(tmp_path, database_url, capacity=1,
                        extra_env={"AIRLOCK_NO_REAPER": "1"}).start()
     try:
+        # A CLI follows the run through the crash: it resumes the stream when the
+        # service is back, and ends with the exit code of a lost run.
+        follower = subprocess.Popen(
+            [*AIRLOCK, "remote", "run", "--server", svc.url, "--", "sh", "-c",
+             "echo started; sleep 600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "AIRLOCK_KEY": svc.keys["acme"]})
+        first = follower.stderr.readline()
+        assert first.startswith("airlock: run "), first + follower.stderr.read()
         with svc.client() as c:
-            started = c.submit(command=["sh", "-c", "echo started; sleep 600"])
+            started = c.get(first.split()[2])
             queued = c.submit(command=["sh", "-c", "echo after"])
             log = svc.runs_dir / "acme" / started.id / "events.jsonl"
             assert wait_for(lambda: _said(log, "started"), 120)
@@ -246,7 +254,12 @@ def test_kill_9_of_the_service_and_restart(engine, tmp_path: Path, database_url:
             qlog = svc.runs_dir / "acme" / queued.id / "events.jsonl"
             report = json.loads((qlog.parent / "report.json").read_text())
             assert verify_log(qlog, run_id=queued.id, report=report) == []
+            out, err = follower.communicate(timeout=120)
+            assert follower.returncode == 3 and "started" in out, err
+            assert f"run {started.id} lost" in err
     finally:
+        if follower.poll() is None:
+            follower.kill()
         svc.stop()
 
 

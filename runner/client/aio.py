@@ -64,20 +64,22 @@ class AsyncClient:
         return await self._request("GET", "/v1/usage") or {}
 
     async def events(self, run_id: str, *, format: str = "sse",
-                     idle_timeout: float | None = None) -> AsyncIterator[RunEvent]:
+                     idle_timeout: float | None = None, after: int = 0
+                     ) -> AsyncIterator[RunEvent]:
         params = {"format": "jsonl"} if format == "jsonl" else None
         accept = "application/x-ndjson" if format == "jsonl" else "text/event-stream"
+        hdrs = {"Accept": accept, **({"Last-Event-ID": str(after)} if after else {})}
         timeout = httpx.Timeout(30.0, read=idle_timeout)
         parser = h.EventParser("jsonl" if format == "jsonl" else "sse")
         try:
             async with self._http.stream("GET", f"/v1/runs/{run_id}/events", params=params,
-                                         headers={"Accept": accept}, timeout=timeout) as resp:
+                                         headers=hdrs, timeout=timeout) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
                     h.raise_for(resp)
                 try:
                     async for line in resp.aiter_lines():
-                        if (event := parser.feed(line)) is not None:
+                        if (event := parser.feed(line)) is not None and event.seq > after:
                             yield event
                 except httpx.ReadTimeout:
                     if idle_timeout is None:
@@ -85,7 +87,7 @@ class AsyncClient:
                     return
         except httpx.TransportError as exc:
             raise h.unreachable(self.base, exc) from None
-        if (event := parser.flush()) is not None:
+        if (event := parser.flush()) is not None and event.seq > after:
             yield event
 
     async def wait(self, run_id: str, *, timeout: float | None = None,

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from runner.client.errors import ServiceError
+from runner.client.errors import BadRequest, Unavailable
 from runner.client.models import RunEvent, RunInfo
 from runner.client.sync import Client
+
+RECONNECT_S = 60.0
 
 
 def _policy(ref: str | None) -> dict[str, Any] | Path | None:
@@ -47,7 +50,7 @@ def remote_run(client: Client, task: list[str], *, agent: str = "command",
                workspace: str | None = None, json_out: bool = False, detach: bool = False,
                quiet: bool = False) -> int:
     if not task:
-        raise ServiceError("nothing to run: give a command or a prompt after --")
+        raise BadRequest("nothing to run: give a command or a prompt after --")
     created = client.submit(
         agent=agent, command=task if agent == "command" else None,
         task=None if agent == "command" else " ".join(task), model=model,
@@ -57,12 +60,22 @@ def remote_run(client: Client, task: list[str], *, agent: str = "command",
         return 0
     if not quiet and not json_out:
         print(f"airlock: run {created.id} {created.status}", file=sys.stderr)
+    last = 0
     try:
-        try:
-            for event in client.events(created.id):
-                _print_event(event, json_out, sys.stdout, sys.stderr)
-        except ServiceError as exc:  # the stream broke: the record still tells the end
-            print(f"airlock: the event stream ended early: {exc}", file=sys.stderr)
+        deadline = time.monotonic() + RECONNECT_S
+        while True:
+            try:
+                for event in client.events(created.id, after=last):
+                    _print_event(event, json_out, sys.stdout, sys.stderr)
+                    last = event.seq
+                    deadline = time.monotonic() + RECONNECT_S
+                break
+            except Unavailable as exc:
+                # The stream broke (the service restarting, a proxy's timeout): resume
+                # after the last event seen, for as long as the service may take to return.
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"{exc} (for {RECONNECT_S:.0f} s)") from None
+                time.sleep(1.0)
         info = client.wait(created.id)
     except KeyboardInterrupt:
         info = client.cancel(created.id)

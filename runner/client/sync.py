@@ -70,23 +70,25 @@ class Client:
         return self._request("GET", "/v1/usage") or {}
 
     def events(self, run_id: str, *, format: str = "sse",
-               idle_timeout: float | None = None) -> Iterator[RunEvent]:
+               idle_timeout: float | None = None, after: int = 0) -> Iterator[RunEvent]:
         """The run's events from its first, as they happen, until the run ends (the
         service closes the stream). With `idle_timeout`, stop after that many seconds
-        without a byte: what the run has logged so far, without waiting for more."""
+        without a byte: what the run has logged so far, without waiting for more.
+        `after`: resume after this sequence number (a stream that broke off)."""
         params = {"format": "jsonl"} if format == "jsonl" else None
         accept = "application/x-ndjson" if format == "jsonl" else "text/event-stream"
+        hdrs = {"Accept": accept, **({"Last-Event-ID": str(after)} if after else {})}
         timeout = httpx.Timeout(30.0, read=idle_timeout)
         parser = h.EventParser("jsonl" if format == "jsonl" else "sse")
         try:
             with self._http.stream("GET", f"/v1/runs/{run_id}/events", params=params,
-                                   headers={"Accept": accept}, timeout=timeout) as resp:
+                                   headers=hdrs, timeout=timeout) as resp:
                 if resp.status_code >= 400:
                     resp.read()
                     h.raise_for(resp)
                 try:
                     for line in resp.iter_lines():
-                        if (event := parser.feed(line)) is not None:
+                        if (event := parser.feed(line)) is not None and event.seq > after:
                             yield event
                 except httpx.ReadTimeout:
                     if idle_timeout is None:
@@ -94,7 +96,7 @@ class Client:
                     return
         except httpx.TransportError as exc:
             raise h.unreachable(self.base, exc) from None
-        if (event := parser.flush()) is not None:
+        if (event := parser.flush()) is not None and event.seq > after:
             yield event
 
     def wait(self, run_id: str, *, timeout: float | None = None,
