@@ -68,7 +68,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the agent's own output (and, on a refusal, the one line that says why).", metavar="")] = False,
     record: Annotated[Path | None, typer.Option(help="Record provider exchanges to this file.")] = None,
     runtime: Annotated[str | None, typer.Option(help="runc or runsc (overrides the policy's).")] = None,
-    image: Annotated[str | None, typer.Option(help="Airlock image for --agent command (base, builtin, codex, ...).")] = None,
+    image: Annotated[str | None, typer.Option(help="Image: an Airlock image (base, dev, codex, ...), a local image, a Dockerfile or a devcontainer.json; the agent is layered on top.")] = None,
     mcp_tool: Annotated[list[str] | None, typer.Option("--mcp-tool", help="module:function exposed as an MCP tool; repeat for more.", metavar="MODULE:FUNC")] = None,
     mcp_server: Annotated[list[str] | None, typer.Option("--mcp-server", help="'CMD ARGS' of an MCP server the host starts; repeat for more.", metavar="'CMD ARGS'")] = None,
     enable_tool: Annotated[list[str] | None, typer.Option("--enable-tool", help="A tool of --mcp-server to expose; repeat for more.", metavar="TOOL")] = None,
@@ -297,6 +297,12 @@ def images_list() -> None:
         tag = image_tag(name)
         state = "built" if engine.image_present(tag) else "missing"
         typer.echo(f"{name:12} {tag:40} {state}")
+    # Images Airlock layered onto what users brought (`image:` / --image), and from what.
+    client = getattr(engine, "client", None)
+    for img in client.images.list(filters={"label": "airlock.source"}) if client else []:
+        source = (img.labels or {}).get("airlock.source", "?")
+        for tag in img.tags or [img.short_id]:
+            typer.echo(f"{'(layered)':12} {tag:40} built from {source}")
 
 
 # -- doctor / gc -------------------------------------------------------------------------

@@ -183,12 +183,13 @@ def _context(spec: ImageSpec, parent_tag: str, progress: Progress) -> tuple[Path
 
 
 def _stream_build(client: Any, ctx: Path, tag: str, buildargs: dict[str, str],
-                  progress: Progress) -> None:
+                  progress: Progress, *, dockerfile: str | None = None,
+                  labels: dict[str, str] | None = None) -> None:
     last_error = None
     log: list[str] = []
     for chunk in client.api.build(path=str(ctx), tag=tag, buildargs=buildargs, rm=True,
-                                  forcerm=True, pull=False, decode=True,
-                                  labels={"airlock.image": tag}):
+                                  forcerm=True, pull=False, decode=True, dockerfile=dockerfile,
+                                  labels={"airlock.image": tag, **(labels or {})}):
         if "stream" in chunk:
             line = chunk["stream"].rstrip()
             if line:
@@ -224,3 +225,30 @@ def build(name: str, client: Any, progress: Progress = print, *, force: bool = F
             progress(f"built {tag}")
         parent_tag = tag
     return parent_tag
+
+
+def layered_tag(name: str, parent_id: str) -> str:
+    """The tag of image `name`'s recipe built on another parent than its own."""
+    h = hashlib.sha256()
+    h.update(parent_id.encode())
+    h.update(image_tag(name).encode())  # covers the Dockerfile, files and packages
+    return f"{REPO}/{name}-on:{h.hexdigest()[:16]}"
+
+
+def build_on(name: str, parent_tag: str, client: Any, progress: Progress = print, *,
+             source: str = "") -> str:
+    """Image `name`'s own recipe (not its parent chain) on `parent_tag`; return the tag."""
+    tag = layered_tag(name, client.images.get(parent_tag).id)
+    if image_present(client, tag):
+        return tag
+    spec = spec_for(name)
+    progress(f"layering {name} onto {parent_tag} as {tag} ...")
+    if spec.apt:
+        raise NotReady(f"image {name!r} installs Debian packages and cannot be layered")
+    ctx, buildargs = _context(spec, parent_tag, progress)
+    try:
+        _stream_build(client, ctx, tag, buildargs, progress,
+                      labels={"airlock.source": f"{name} on {source or parent_tag}"})
+    finally:
+        shutil.rmtree(ctx, ignore_errors=True)
+    return tag

@@ -51,6 +51,25 @@ def read_file(client: Any, image: str, path: str) -> bytes | None:
         container.remove(force=True)
 
 
+def existing_paths(client: Any, image: str, paths: list[str]) -> list[str]:
+    """Those of `paths` that exist in an image, in order (the image is not started)."""
+    import docker.errors
+
+    container = client.containers.create(image, command=["true"], entrypoint=[], network_disabled=True)
+    found = []
+    try:
+        for path in paths:
+            try:
+                stream, _ = client.api.get_archive(container.id, path)
+                stream.close()
+            except docker.errors.NotFound:
+                continue
+            found.append(path)
+    finally:
+        container.remove(force=True)
+    return found
+
+
 def installed_tag(parent: str, packages: tuple[str, ...], repo: str) -> str:
     key = f"{parent}|{','.join(sorted(packages))}|v1"
     return f"{repo}:{hashlib.sha256(key.encode()).hexdigest()[:16]}"

@@ -214,6 +214,9 @@ def _models(key: str, fj: Any, cj: Any, f: Any, c: Any) -> Iterator[Widening]:
 RULES: dict[str, Rule] = {
     "name": _free,  # a label for reports
     "extends": _free,  # resolved already: the comparison is of the result
+    # Another image is another environment (and a Dockerfile is host paths to build):
+    # only the floor's own image is within it.
+    "image": _equal,
     "filesystem.read_only_root": _must_stay_true,
     "filesystem.tmpfs": _tmpfs,
     "filesystem.exec_tmpfs": _subset,

@@ -403,6 +403,11 @@ class Policy(Strict):
     extends: str | None = Field(
         None, description="A preset name or a path relative to this file."
     )
+    image: str | None = Field(
+        None, description="The sandbox's image: an Airlock image (base, dev, ...), a local image "
+        "(name:tag or id; never pulled), a Dockerfile, a devcontainer.json or a directory holding "
+        "either (paths relative to the current directory). Airlock layers its shim and the "
+        "agent on top; the boundary is the policy's whatever the image says.")
     filesystem: FilesystemPolicy = Field(default_factory=FilesystemPolicy)
     network: NetworkPolicy = Field(default_factory=NetworkPolicy)
     process: ProcessPolicy = Field(default_factory=ProcessPolicy)

@@ -81,9 +81,7 @@ def launch(*, task: list[str], policy_ref: str, agent_name: str, provider: str |
                              enable_tools=enable_tools)
     agent = get_agent(agent_name)
     if image is not None:
-        if agent_name != "command":
-            raise BadInput("--image applies to --agent command only; other agents bring their own")
-        agent.image = image
+        policy = policy.model_copy(update={"image": image})
     engine = get_engine()
     # Whatever a killed run left behind goes while this one starts (in the background:
     # gc removes only what belongs to processes that are gone, never this run).

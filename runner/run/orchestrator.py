@@ -25,7 +25,7 @@ from runner.agents import Agent, AgentContext
 from runner.engines import Engine, Sandbox, get_engine
 from runner.errors import AirlockError, BadInput, ExitCode
 from runner.events import BudgetExceeded, Budgets, Event, EventLog, clip_text
-from runner.images.build import image_tag
+from runner.images.custom import run_image
 from runner.policy.compile import RUN_DIR_IN_SANDBOX, SandboxInputs, container_spec
 from runner.policy.loader import over_preset, policy_digest
 from runner.policy.models import SANDBOX_HOME, WORKSPACE_PATH, Policy, widenings
@@ -208,7 +208,7 @@ class Run:
         error: str | None = None
         try:
             engine = self.o.engine or get_engine()
-            image = image_tag(agent.image)
+            image = run_image(p.image, agent.image, engine)
             if self.o.pool is not None and self.o.workspace is None:
                 warm = self.o.pool.claim(Recipe(p, image))
             if warm is not None:
