@@ -264,6 +264,10 @@ def test_an_existing_sqlite_file_keeps_its_records(tmp_path) -> None:
         rid = s.create_run("acme", CMD, quota=Quota()).id
     with open_store(url) as s:
         assert s.get_run(rid).status == "queued"
+    # Every tenant's requests are in it: the service's user alone may read it.
+    db = tmp_path / "a" / "b.db"
+    assert {oct(p.stat().st_mode & 0o777) for p in db.parent.iterdir()} == {"0o600"}
+    assert oct(db.parent.stat().st_mode & 0o777) == "0o700"
     raw = create_engine(url)
     with raw.connect() as c:
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"

@@ -134,6 +134,19 @@ def _normalise_url(url: str) -> URL:
     raise StoreError(f"database: {backend!r} is not supported (sqlite or postgresql)")
 
 
+def _private_file(path: Path) -> None:
+    """The database file readable by the service's user only: it holds every tenant's
+    requests. SQLite gives its -wal and -shm files the same mode."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)  # made by something else, or an older Airlock
+    except OSError as exc:
+        raise StoreError(f"database {path}: {exc.strerror}") from None
+
+
 class SqlStore(Store):
     def __init__(self, url: str) -> None:
         u = _normalise_url(url)
@@ -155,7 +168,7 @@ class SqlStore(Store):
         memory = u.database in (None, "", ":memory:")
         if not memory:
             assert u.database is not None
-            Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            _private_file(Path(u.database).expanduser())
         engine = create_engine(
             u,
             # The driver's own transaction handling is off: BEGIN is sent below, IMMEDIATE
