@@ -321,3 +321,30 @@ def test_a_run_that_floods_its_log_ends_with_log_cap(airlock, tmp_path):
     assert events[-1]["type"] == "run.end" and events[-1]["data"]["events_dropped"] > 0
     assert r.report["duration_s"] < 25  # ended by the cap, not by the command's sleep
     assert verify_log(path, run_id=r.run_dir.name, report=r.report) == []
+
+
+@pytest.mark.usefixtures("engine")
+def test_refused_control_connections_are_capped_counted_and_slowed(airlock):
+    flood = ("import socket, time\n"
+             "t0, n = time.monotonic(), 0\n"
+             "for _ in range(600):\n"
+             "    s = socket.socket(socket.AF_UNIX)\n"
+             "    try:\n"
+             "        s.connect('/run/airlock/control.sock'); n += 1\n"
+             "    except OSError:\n"
+             "        pass\n"
+             "    s.close()\n"
+             "print(n, round(time.monotonic() - t0, 2))\n")
+    r = airlock("run", "--", "python3", "-c", flood)
+    assert r.code == 0, r.stderr
+    connected, seconds = r.stdout.split()
+    events = r.events()
+    refused = [e for e in events if e["type"] == "control.refused"]
+    assert len(refused) == 100  # the log's refusal cap
+    [summary] = [e["data"] for e in events if e["type"] == "log.suppressed"]
+    # (the last few may still wait in the backlog when the run ends)
+    assert 0 <= int(connected) - 100 - summary["refusals"]["control.refused:connection"] <= 5
+    # Past the free ones each refusal costs the host a pause: the loop was slowed down.
+    assert float(seconds) >= (int(connected) - 100) * 0.01 * 0.8
+    assert (r.run_dir / "events.jsonl").stat().st_size < 200_000
+    assert verify_log(r.run_dir / "events.jsonl", run_id=r.run_dir.name, report=r.report) == []

@@ -9,6 +9,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runner.mcp.auth import BearerGuard, RejectHook
+from runner.mcp.http_limits import BodyGuard, HttpGuard
 
 URL_PATH = "/mcp"
 
@@ -28,9 +29,10 @@ def build_app(
     token: str,
     on_reject: RejectHook,
     accepting: Callable[[], bool],
+    guard: HttpGuard,
 ) -> ASGIApp:
     """`accepting` turns False when the server is closing: the manager is being left and
-    cannot take requests any more."""
+    cannot take requests any more. `guard`: the run's limits on request bodies."""
 
     async def route(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].rstrip("/") != URL_PATH:
@@ -40,8 +42,9 @@ def build_app(
         else:
             await manager.handle_request(scope, receive, send)
 
-    # The token is checked before routing: any request without it, on any path, is recorded.
-    return BearerGuard(route, token, on_reject)
+    # The token is checked before routing: any request without it, on any path, is recorded
+    # (and its body never read).
+    return BearerGuard(BodyGuard(route, guard), token, on_reject)
 
 
 async def _empty(send: Send, status: int) -> None:

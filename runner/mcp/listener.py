@@ -47,13 +47,15 @@ def bind_unix_socket(path: Path) -> socket.socket:
 
 
 class EmbeddedServer(uvicorn.Server):
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, http: type[asyncio.Protocol] | str = "h11") -> None:
+        """`http`: the h11 protocol class (runner/mcp/http_limits.py puts the run's limits
+        on connections in one)."""
         config = uvicorn.Config(
             app,
             lifespan="off",  # the caller runs the app's lifecycle itself
             log_config=None,
             access_log=False,
-            http="h11",
+            http=http,
             ws="none",
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )

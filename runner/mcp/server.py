@@ -29,6 +29,7 @@ from runner.mcp.app import LOOPBACK_ONLY, URL_PATH, build_app
 from runner.mcp.auth import check_token
 from runner.mcp.builtin import ResultSlot, builtin_tools
 from runner.mcp.errors import ToolFailure, ToolSpecError, root_cause
+from runner.mcp.http_limits import HttpGuard, HttpLimits, guarded_protocol
 from runner.mcp.limits import CallGate, Refusal
 from runner.mcp.listener import EmbeddedServer, bind_unix_socket
 from runner.mcp.tools import PythonTool, RunTool, resolve_callable
@@ -53,10 +54,14 @@ class RunMcpServer:
         python_tools: Sequence[Callable[..., Any]] = (),
         upstream_log: Path | None = None,
         start_timeout: float = START_TIMEOUT_S,
+        limits: HttpLimits | None = None,
+        on_abuse: Callable[[str], None] | None = None,
     ) -> None:
         """`upstream_log`: a file (appended to) for the stderr of upstream servers the host
         starts, instead of the host's own stderr. `start_timeout`: how long upstream servers
-        may take to start and list their tools."""
+        may take to start and list their tools. `limits`: what the listener may cost the
+        host (runner/mcp/http_limits.py); `on_abuse` is called once when the sandbox keeps
+        going past them, to end the run."""
         check_token(token)
         self._policy = mcp
         self._socket_path = Path(socket_path)
@@ -73,6 +78,7 @@ class RunMcpServer:
         self._stopping = asyncio.Event()
         self._accepting = True
         self._counts = {"calls": 0, "refused": 0, "unauthorized": 0}
+        self._guard = HttpGuard(limits or HttpLimits(), sink, on_abuse)
 
     # -- what the orchestrator and the agent adapters read ---------------------------------
 
@@ -111,8 +117,9 @@ class RunMcpServer:
             # One agent needs a session or two; each costs the host a task and buffers.
             max_sessions=MAX_SESSIONS,
         )
-        app = build_app(manager, self._token, self._rejected, lambda: self._accepting)
-        self._http = EmbeddedServer(app)
+        app = build_app(manager, self._token, self._rejected, lambda: self._accepting,
+                        self._guard)
+        self._http = EmbeddedServer(app, http=guarded_protocol(self._guard))
         self._task = asyncio.create_task(self._serve(local, manager), name="airlock-mcp")
         listening = asyncio.create_task(self._http.listening.wait())
         try:
@@ -148,7 +155,7 @@ class RunMcpServer:
             await task
         except Exception as exc:  # a crash while serving is reported, not raised at teardown
             error = f"{type(exc).__name__}: {exc}"
-        self._sink.emit("mcp.stopped", "mcp", **self._counts,
+        self._sink.emit("mcp.stopped", "mcp", **self._counts, dropped=dict(self._guard.drops),
                         result_submitted=self._slot.value is not None, error=error)
 
     async def __aenter__(self) -> RunMcpServer:

@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 MAX_LINE = 64 * 1024
+# Refused connections past this many are slowed down (each costs REFUSED_PAUSE): a
+# sandbox looping on connect() cannot spin the host's accept thread. The log records
+# the first ones and counts the rest (EventLog.refusal).
+REFUSED_FREE = 100
+REFUSED_PAUSE = 0.01
 
 
 class ControlServer:
@@ -33,6 +38,7 @@ class ControlServer:
         self._conn: socket.socket | None = None
         self._closed = threading.Event()
         self.connected = threading.Event()
+        self.refused = 0
         self._thread = threading.Thread(target=self._serve, name="airlock-control", daemon=True)
         self._thread.start()
 
@@ -44,7 +50,10 @@ class ControlServer:
                 return
             if not self._admit(conn):
                 conn.close()
+                self.refused += 1
                 self._on_refused()
+                if self.refused > REFUSED_FREE:
+                    self._closed.wait(REFUSED_PAUSE)
                 continue
             self._conn = self._conn or conn
             self.connected.set()

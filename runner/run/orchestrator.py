@@ -111,7 +111,7 @@ class Run:
             self.log, self._on_budget,
         )
         self._sandbox: Sandbox | None = None
-        self._end_reason: str | None = None  # budget | timeout | interrupted | disk | log
+        self._end_reason: str | None = None  # budget | timeout | interrupted | disk | log | *_abuse
         self._lock = threading.Lock()
         self._agent_started: float | None = None
         self._agent_ended: float | None = None
@@ -128,6 +128,11 @@ class Run:
 
     def _control_refused(self) -> None:
         self.log.refusal("control.refused", "host", kind="connection")
+
+    def end_for_abuse(self, reason: str) -> None:
+        """A host service of the run was pushed past its limits over and over (reason:
+        `mcp_abuse`, ...): its event is recorded; the run ends."""
+        self._end(reason)
 
     def _log_full(self, why: str) -> None:
         # Whatever the sandbox does next would go unrecorded: the run ends here.
@@ -447,6 +452,8 @@ class Run:
             return ExitCode.WALL_TIME, "timeout", "wall_time"
         if reason == "log":
             return ExitCode.BUDGET_EXCEEDED, "budget_exceeded", "log_cap"
+        if reason is not None and reason.endswith("_abuse"):
+            return ExitCode.BUDGET_EXCEEDED, "budget_exceeded", reason
         if reason == "interrupted":
             return 130, "interrupted", "interrupted"
         if oom:

@@ -20,6 +20,22 @@ class Service(Protocol):
     async def aclose(self) -> None: ...
 
 
+def raise_nofile_limit() -> int:
+    """The soft descriptor limit raised to the hard one; the new soft limit.
+
+    Every run's services share this process's descriptors; each service caps its own
+    connections (runner/mcp/http_limits.py), and the headroom keeps many runs' worth of
+    them from meeting a default soft limit of 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 class ServiceHost:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -30,6 +46,7 @@ class ServiceHost:
         import asyncio  # here, not at the top: runs without services never pay for it
 
         if self._loop is None:
+            raise_nofile_limit()
             loop = asyncio.new_event_loop()
             ready = threading.Event()
 

@@ -74,7 +74,8 @@ def start_services(run: Run, host: ServiceHost, run_dir: Path
         token = new_token()
         server = RunMcpServer(mcp, run_dir / "mcp.sock", token, run.log, run.budgets,
                               python_tools=run.o.python_tools,
-                              upstream_log=run.dir / "mcp-upstream.log")
+                              upstream_log=run.dir / "mcp-upstream.log",
+                              on_abuse=run.end_for_abuse)
         _start(host, server, "MCP")
         run.mcp_server = server
         bridges.append(_bridge("mcp"))
