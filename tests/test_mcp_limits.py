@@ -25,6 +25,9 @@ KEY_VAR = "AIRLOCK_TEST_FLOOD_KEY"
 KEY = "sk-flood-" + "k" * 24
 LIMITS = HttpLimits()
 OWN_FDS = 40  # descriptors an `airlock run` process holds besides the MCP connections
+# Served connections, plus refused ones not yet closed: asyncio accepts a backlog's worth
+# per turn and closes a refused one some turns later (measured: at most ~4 backlogs).
+FD_BOUND = LIMITS.connections + 4 * LIMITS.backlog + OWN_FDS
 
 
 class Measured:
@@ -103,7 +106,8 @@ def test_idle_connections_are_capped_and_timed_out_and_the_gateway_answers(tmp_p
     assert probe["mcp_after"] is True  # the listener serves again once the flood is gone
     # The host process never held more than the cap's descriptors plus its own (the
     # engine's connection, the log, the services' sockets: ~20 here); unbounded, 400.
-    assert max(run.fds) <= LIMITS.connections + OWN_FDS, max(run.fds)
+    print(f"host descriptors peaked at {max(run.fds)} under 400 idle connections")
+    assert max(run.fds) <= FD_BOUND, max(run.fds)
     # Drops are events, capped by the log; the rest counted in mcp.stopped.
     reasons = dropped(events)
     assert 0 < reasons["connections"] <= 100 and reasons.get("header_timeout", 0) >= 1
@@ -161,5 +165,6 @@ def test_persistent_abuse_ends_the_run_and_a_neighbour_is_served_throughout(tmp_
     assert a_report["exit_reason"] == "mcp_abuse" and a_report["status"] == "budget_exceeded"
     [abuse] = [e["data"] for e in a_events if e["type"] == "mcp.abuse"]
     assert sum(abuse["drops"].values()) >= LIMITS.abuse
-    assert max(attacker.fds) <= LIMITS.connections + OWN_FDS
+    print(f"host descriptors peaked at {max(attacker.fds)} under 1100 idle connections")
+    assert max(attacker.fds) <= FD_BOUND
     assert n_code == 0 and n_probe["failures"] == [] and n_probe["polls"] >= 20

@@ -5,8 +5,8 @@ services, outside the sandbox's own limits; the sandbox can reach its socket dir
 So each run's listener has its own budget:
 
 - at most `connections` open at once: past it a new connection is closed as it is
-  accepted (its descriptor is back at once), so no run can take the process's
-  descriptors from the gateway or from a neighbour;
+  accepted (its descriptor is back at once; a burst holds at most `backlog` more), so no
+  run can take the process's descriptors from the gateway or from a neighbour;
 - a request's headers must be complete within `header_timeout` of the connection (or of
   the previous response), and its body within `request_timeout` of its headers: a
   stalled request is cut off, holding nothing;
@@ -35,6 +35,10 @@ from runner.events.log import EventSink
 @dataclass(frozen=True)
 class HttpLimits:
     connections: int = 32  # the SDK allows 32 sessions; an agent needs one or two
+    # The listen backlog, which is also how many connections asyncio accepts in one turn
+    # of the loop; a refused one is closed a few turns later (connection_made, then the
+    # close, are scheduled), so a burst holds a few backlogs' worth of descriptors.
+    backlog: int = 16
     header_timeout: float = 10.0
     request_timeout: float = 20.0
     max_body: int = 1 << 20

@@ -47,15 +47,18 @@ def bind_unix_socket(path: Path) -> socket.socket:
 
 
 class EmbeddedServer(uvicorn.Server):
-    def __init__(self, app: ASGIApp, http: type[asyncio.Protocol] | str = "h11") -> None:
+    def __init__(self, app: ASGIApp, http: type[asyncio.Protocol] | str = "h11",
+                 backlog: int = 2048) -> None:
         """`http`: the h11 protocol class (runner/mcp/http_limits.py puts the run's limits
-        on connections in one)."""
+        on connections in one). `backlog`: also how many connections asyncio accepts in
+        one go, before any of them can be refused: the descriptors a burst can hold."""
         config = uvicorn.Config(
             app,
             lifespan="off",  # the caller runs the app's lifecycle itself
             log_config=None,
             access_log=False,
             http=http,
+            backlog=backlog,
             ws="none",
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )

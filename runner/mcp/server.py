@@ -119,7 +119,8 @@ class RunMcpServer:
         )
         app = build_app(manager, self._token, self._rejected, lambda: self._accepting,
                         self._guard)
-        self._http = EmbeddedServer(app, http=guarded_protocol(self._guard))
+        self._http = EmbeddedServer(app, http=guarded_protocol(self._guard),
+                                    backlog=self._guard.limits.backlog)
         self._task = asyncio.create_task(self._serve(local, manager), name="airlock-mcp")
         listening = asyncio.create_task(self._http.listening.wait())
         try:
