@@ -272,3 +272,12 @@ def test_an_existing_sqlite_file_keeps_its_records(tmp_path) -> None:
     with raw.connect() as c:
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     raw.dispose()
+
+
+def test_postgresql_without_its_driver_says_what_to_install() -> None:
+    code = ("import sys; sys.modules['psycopg'] = None\n"
+            "from runner.service.store import StoreError, open_store\n"
+            "try:\n    open_store('postgresql://u@/db')\n"
+            "except StoreError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "airlock[postgres]" in out.stdout and "psycopg" in out.stdout, out.stderr
