@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, inspect, select
@@ -268,6 +269,13 @@ def test_an_existing_sqlite_file_keeps_its_records(tmp_path) -> None:
     db = tmp_path / "a" / "b.db"
     assert {oct(p.stat().st_mode & 0o777) for p in db.parent.iterdir()} == {"0o600"}
     assert oct(db.parent.stat().st_mode & 0o777) == "0o700"
+    # The config's form, sqlite:///var/..., is an absolute path (as in a file: URL).
+    with open_store(f"sqlite://{tmp_path / 'a' / 'b.db'}") as s:
+        assert s.get_run(rid) is not None
+    with open_store(f"sqlite:///./rel-{rid}.db") as s:
+        assert Path(s.engine.url.database).resolve() == Path.cwd() / f"rel-{rid}.db"
+    for p in Path.cwd().glob(f"rel-{rid}.db*"):
+        p.unlink()
     raw = create_engine(url)
     with raw.connect() as c:
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"

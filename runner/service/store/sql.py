@@ -122,6 +122,13 @@ def _normalise_url(url: str) -> URL:
                          "postgresql://USER@HOST/DB)") from None
     backend = u.get_backend_name()
     if backend == "sqlite":
+        db = u.database or ""
+        if db and db != ":memory:" and not db.startswith(("/", ".", "~")):
+            # `sqlite:///var/lib/airlock/airlock.db` (the config's documented default)
+            # names /var/lib/airlock/airlock.db, as a file: URL would; SQLAlchemy alone
+            # would read a path relative to the service's working directory. A relative
+            # path is written `sqlite:///./airlock.db`; `sqlite:////abs` works too.
+            u = u.set(database="/" + db)
         return u.set(drivername="sqlite+pysqlite")
     if backend in ("postgresql", "postgres"):
         try:
@@ -523,7 +530,10 @@ class SqlStore(Store):
                 self.engine.dispose()
 
 
+DEFAULT_URL = "sqlite:///var/lib/airlock/airlock.db"
+
+
 def open_store(url: str | None = None) -> SqlStore:
-    """The store at `url` (default: $AIRLOCK_DATABASE, else sqlite:///./airlock.db),
-    migrated to this version's schema."""
-    return SqlStore(url or os.environ.get("AIRLOCK_DATABASE") or "sqlite:///airlock.db")
+    """The store at `url` (default: $AIRLOCK_DATABASE, else DEFAULT_URL), migrated to
+    this version's schema."""
+    return SqlStore(url or os.environ.get("AIRLOCK_DATABASE") or DEFAULT_URL)
