@@ -224,6 +224,28 @@ def test_quota_is_a_typed_429(tmp_path: Path, database_url: str) -> None:
         svc.stop()
 
 
+def test_a_backlog_delays_another_tenant_by_one_slot(tmp_path: Path, database_url: str) -> None:
+    from runner.service.store import open_store
+
+    svc = make_service(tmp_path, database_url, capacity=1).start()
+    try:
+        with svc.client("acme") as acme, svc.client("globex") as globex:
+            backlog = [acme.submit(command=["sh", "-c", "sleep 1"]) for _ in range(6)]
+            assert wait_for(lambda: acme.get(backlog[0].id).status == "running", 120)
+            late = globex.submit(command=["true"])
+            assert globex.wait(late.id, timeout=300).status == "succeeded"
+            with open_store(database_url) as store:
+                order = sorted((r.claimed_at or float("inf"), r.id)
+                               for r in (store.get_run(x.id) for x in [*backlog, late]))
+            # The newcomer started right after the run that held the slot, not after
+            # the backlog; the backlog then went on in its own order.
+            assert [rid for _, rid in order[:2]] == [backlog[0].id, late.id]
+            for run in backlog:
+                acme.cancel(run.id)
+    finally:
+        svc.stop()
+
+
 def test_kill_9_of_the_service_and_restart(engine, tmp_path: Path, database_url: str) -> None:
     # No reaper: the restarted service itself must remove what the killed one left.
     svc = make_service(tmp_path, database_url, capacity=1,
