@@ -43,7 +43,7 @@ from runner.view.index import (
     category,
     read_lines,
 )
-from runner.view.source import RunSource
+from runner.view.source import RunSource, TenantRuns, bearer_key
 
 # The runs a request may see (the caller's own, or all of them), or None: not let in.
 RunsFor = Callable[[Request], RunSource | None]
@@ -226,6 +226,31 @@ def _row(run_id: str, report: dict[str, Any] | None, idx: LogIndex) -> dict[str,
         "chain": idx.verification(report)["state"],
         "live": report is None,
     }
+
+
+def tenant_runs_for(runs_dir: Path, tenant_of: Callable[[str | None], str | None],
+                    is_operator: Callable[[str | None], bool]) -> RunsFor:
+    """For a service: the caller's Bearer key shows a tenant `<runs_dir>/<tenant>/` and
+    the operator every tenant's runs; no or a wrong key, nothing (401). The two callables
+    are the service's own key checks (constant time), so the page admits exactly whom its
+    API admits:
+
+        app.mount("/view", view_app(tenant_runs_for(config.runs_dir,
+                                                     lambda k: match_key(k, tenant_keys),
+                                                     is_operator_key)))
+    """
+    tenants = TenantRuns(runs_dir)
+
+    def runs_for(request: Request) -> RunSource | None:
+        key = bearer_key(request.headers.get("authorization"))
+        if key is None:
+            return None
+        if is_operator(key):
+            return tenants.everyone()
+        name = tenant_of(key)
+        return tenants.of(name) if name is not None else None
+
+    return runs_for
 
 
 def view_app(runs_for: RunsFor) -> ASGIApp:

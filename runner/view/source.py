@@ -92,3 +92,10 @@ class _AllTenants:
             if found is not None:
                 return found
         return None
+
+
+def bearer_key(header: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header, or None."""
+    scheme, _, value = (header or "").partition(" ")
+    value = value.strip()
+    return value if scheme.lower() == "bearer" and value else None
