@@ -27,6 +27,8 @@ LIMITS = HttpLimits()
 OWN_FDS = 40  # descriptors an `airlock run` process holds besides the MCP connections
 # Served connections, plus refused ones not yet closed: asyncio accepts a backlog's worth
 # per turn and closes a refused one some turns later (measured: at most ~4 backlogs).
+# Host memory one run's MCP listener may add under attack (docs/security.md).
+MEMORY_BOUND_MB = 200
 FD_BOUND = LIMITS.connections + 4 * LIMITS.backlog + OWN_FDS
 
 
@@ -137,7 +139,7 @@ def test_stalled_bodies_hold_bounded_memory_then_are_cut_off(tmp_path):
     # Bound stated in docs/security.md (body memory 4 MiB, plus what parsing a body of
     # `{}` objects costs while the SDK holds it).
     print(f"host RSS grew {grown_mb:.1f} MB under 100 stalled bodies")
-    assert grown_mb < 64, grown_mb
+    assert grown_mb < MEMORY_BOUND_MB, grown_mb
 
 
 def test_a_declared_oversize_body_is_refused_before_it_is_read(tmp_path):
@@ -168,3 +170,20 @@ def test_persistent_abuse_ends_the_run_and_a_neighbour_is_served_throughout(tmp_
     print(f"host descriptors peaked at {max(attacker.fds)} under 1100 idle connections")
     assert max(attacker.fds) <= FD_BOUND
     assert n_code == 0 and n_probe["failures"] == [] and n_probe["polls"] >= 20
+
+
+def test_complete_bodies_of_small_objects_cost_bounded_memory(tmp_path):
+    with ScriptedProvider([], api_key=KEY) as up:
+        quiet = Measured(tmp_path / "runs-q", gateway_policy(tmp_path, up.url),
+                         "python3", "/workspace/mcp_flood.py", "poll", "3")
+        assert quiet.wait()[0] == 0, quiet.stderr
+        run = Measured(tmp_path / "runs", gateway_policy(tmp_path, up.url),
+                       "python3", "/workspace/mcp_flood.py", "burst", "200",
+                       str(LIMITS.max_body), "10")
+        code, probe, _, _, _ = run.wait()
+    assert code == 0, (probe, run.stderr)
+    assert probe["gateway_after"] is True and probe["mcp_after"] is True
+    grown_mb = (max(run.rss_kb) - max(quiet.rss_kb)) / 1024
+    print(f"host RSS grew {grown_mb:.1f} MB under 200 complete 1 MiB bodies of {{}} objects",
+          probe["burst"])
+    assert grown_mb < MEMORY_BOUND_MB, grown_mb

@@ -4,6 +4,7 @@ own descriptor limit per process is no bound: children share the work.
 
     python3 mcp_flood.py idle N HOLD         N connections that never send a byte
     python3 mcp_flood.py stall N SIZE HOLD   N POSTs declaring SIZE bytes, sending SIZE-1
+    python3 mcp_flood.py burst N SIZE HOLD   N complete POSTs of SIZE bytes of `{}` objects
     python3 mcp_flood.py poll SECONDS        ask the run's gateway once a second
 
 Between the phases it asks the run's gateway (127.0.0.1:41001) whether it answers, and
@@ -146,6 +147,13 @@ def main() -> None:
                 f"Content-Type: application/json\r\nAccept: application/json\r\n"
                 f"Content-Length: {size}\r\n\r\n").encode()
         out["stall"] = in_children(n, head + b"[" + b"{}," * ((size - 3) // 3), seconds)
+    elif what == "burst":  # complete bodies of small objects: what parsing them costs
+        n, size, seconds = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+        body = b"[" + b"{}," * ((size - 4) // 3) + b"{}]"
+        head = (f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        out["burst"] = in_children(n, head + body, seconds)
     elif what == "poll":
         seconds = float(sys.argv[2])
         failures = []
