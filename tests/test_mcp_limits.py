@@ -161,11 +161,14 @@ def test_persistent_abuse_ends_the_run_and_a_neighbour_is_served_throughout(tmp_
         time.sleep(3)
         attacker = Measured(tmp_path / "runs-a", policy,
                             "python3", "/workspace/mcp_flood.py", "idle", "1100", "15")
-        a_code, _, a_report, a_events, _ = attacker.wait()
+        a_code, _, a_report, a_events, a_dir = attacker.wait()
         n_code, n_probe, _, _, _ = neighbour.wait()
     assert a_code == 4, attacker.stderr
     assert a_report["exit_reason"] == "mcp_abuse" and a_report["status"] == "budget_exceeded"
     [abuse] = [e["data"] for e in a_events if e["type"] == "mcp.abuse"]
+    # 1100 attempts, a bounded record: at most 100 events per kind of drop, the rest counted.
+    assert all(n <= 100 for n in dropped(a_events).values())
+    assert (a_dir / "events.jsonl").stat().st_size < 500_000
     assert sum(abuse["drops"].values()) >= LIMITS.abuse
     print(f"host descriptors peaked at {max(attacker.fds)} under 1100 idle connections")
     assert max(attacker.fds) <= FD_BOUND

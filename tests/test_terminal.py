@@ -84,3 +84,49 @@ def test_the_final_line_escapes_the_error(capfd):
     err = capfd.readouterr().err
     assert err.count("\n") == 2 and "\x1b" not in err and "\x07" not in err
     assert sys.stderr is not None
+
+
+# -- end to end: a sandbox picks the model name of a refused request ----------------------
+
+
+@pytest.mark.usefixtures("engine")
+def test_a_refusal_line_from_a_real_run_is_escaped_and_the_log_verifies(airlock, tmp_path):
+    import json
+
+    from runner.events.verify import verify_log
+    from runner.testing import ScriptedProvider
+    from tests.conftest import write_policy
+
+    key = "sk-terminal-" + "k" * 24
+    names = [f"m{OSC52}{ERASE}{FAKE}", f"gpt{chr(0xD800)}x"]  # a clipboard write; a lone surrogate
+    send = ("import json, sys, urllib.request, urllib.error\n"
+            "for name in json.loads(sys.argv[1]):\n"
+            "    body = json.dumps({'model': name, 'max_tokens': 5, 'messages': []}).encode()\n"
+            "    req = urllib.request.Request('http://127.0.0.1:41001/v1/messages', body,\n"
+            "        {'content-type': 'application/json', 'x-api-key': 'x',\n"
+            "         'anthropic-version': '2023-06-01'})\n"
+            "    try:\n"
+            "        urllib.request.urlopen(req, timeout=20)\n"
+            "    except urllib.error.HTTPError:\n"
+            "        pass\n")
+    with ScriptedProvider([], api_key=key) as up:
+        policy = write_policy(tmp_path, f"""\
+extends: default
+provider:
+  backend: anthropic
+  base_url: {up.url}
+  api_key_env: AIRLOCK_TEST_TERMINAL_KEY
+  models: {{default: claude-sonnet-4-5}}
+""")
+        r = airlock("run", "--policy", policy, "--", "python3", "-c", send, json.dumps(names),
+                    env={"AIRLOCK_TEST_TERMINAL_KEY": key})
+    assert r.code == 0, r.stderr
+    refusals = [line for line in r.stderr.splitlines() if line.startswith("airlock: refused")]
+    assert len(refusals) == 2, r.stderr
+    for c in FORBIDDEN:
+        assert c not in r.stderr.replace("\n", ""), repr(c)
+    assert "\\x1b]52;c;b3duZWQ=\\x07" in refusals[0] and "\\ud800" in refusals[1]
+    # Both refusals are on the record, the surrogate read back as sent, and it verifies.
+    refused = [e["data"]["model"] for e in r.events() if e["type"] == "provider.refused"]
+    assert refused == names
+    assert verify_log(r.run_dir / "events.jsonl", run_id=r.run_dir.name, report=r.report) == []

@@ -86,7 +86,7 @@ def event_line(event: Event) -> str | None:
         return "self-test FAILED: " + "; ".join(failed)
     if t.startswith(REFUSALS):
         reason = d.get("reason") or d.get("error") or ""
-        what = d.get("target") or d.get("tool") or d.get("path") or d.get("model") or ""
+        what = " ".join(str(d[k]) for k in ("target", "tool", "path", "model") if d.get(k))
         return f"refused {t.split('.')[0]}: {what} {reason}".rstrip()
     if not t.startswith(SHOWN) or t == "mcp.call_started":
         return None
