@@ -58,7 +58,8 @@ def gvisor_finding(path: str | None) -> tuple[bool, str]:
     if date < GVISOR_MIN_DATE:
         return False, (f"runtime runsc is gVisor {date}, older than {GVISOR_MIN_DATE}: its statx "
                        "rejects AT_NO_AUTOMOUNT, so coreutils' ls, stat and find fail with "
-                       "'Invalid argument' inside runsc sandboxes (Python's os.stat works)")
+                       "'Invalid argument' inside runsc sandboxes (Python's os.stat works), and "
+                       "Codex now and then never reaps a finished command there")
     return True, f"runtime runsc is gVisor {date}"
 
 

@@ -92,3 +92,17 @@ def test_readme_make_check_example(airlock, tmp_path):
                                "AIRLOCK_RUNS_DIR": str(tmp_path / "runs")})
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     assert "checked" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_dev_image_has_a_c_toolchain_and_node(airlock, runtime, tmp_path):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "hello.c").write_text('#include <stdio.h>\nint main(void) { puts("hi"); return 0; }\n')
+    r = airlock("run", "--quiet", "--policy", "strict", "--runtime", runtime, "--image", "dev",
+                "--workspace", str(ws), "--", "sh", "-c",
+                "cc -Wall -o /tmp/hello hello.c && echo compiled; "
+                "node -e 'console.log(6 * 7)'; id -u", timeout=600)
+    assert r.code == 0, (r.stdout, r.stderr)
+    assert r.stdout.split() == ["compiled", "42", "1000"], r.stdout

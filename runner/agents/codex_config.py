@@ -40,11 +40,12 @@ FEATURES_OFF = (
     "in_app_voice", "api_key_cyber_access_programs",
     # A provider that cannot be reached fails the run instead of being retried forever.
     "unbounded_connection_retries",
-    # Commands run on pipes, not a pseudo-terminal (TERM is dumb anyway). Under gVisor
-    # (runsc) Codex never learns that a PTY-backed command ended (the shell stays a
-    # zombie) and the turn hangs until the wall-time limit, on every run measured; on
-    # pipes that happens only now and then (about one run in four with 25 commands).
-    # Off on every runtime, so a run behaves the same on runc and runsc.
+    # Commands run on pipes, not a pseudo-terminal (TERM is dumb anyway). Under Debian
+    # 12's gVisor (runsc 2022-12) Codex never learned that a PTY-backed command ended
+    # (the shell stayed a zombie) and the turn hung until the wall-time limit, on every
+    # run measured; on pipes only now and then (about one run in four with 25
+    # commands). Under the runsc `make engine` registers (2024-07) 8 runs of 25 piped
+    # commands all ended. Off on every runtime, so a run behaves the same on both.
     "unified_exec_tty",
 )
 FEATURES_ON = ("shell_tool", "unified_exec")

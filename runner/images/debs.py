@@ -71,7 +71,7 @@ def existing_paths(client: Any, image: str, paths: list[str]) -> list[str]:
 
 
 def installed_tag(parent: str, packages: tuple[str, ...], repo: str) -> str:
-    key = f"{parent}|{','.join(sorted(packages))}|v1"
+    key = f"{parent}|{','.join(sorted(packages))}|v2"
     return f"{repo}:{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -112,13 +112,20 @@ def install_debs(client: Any, parent: str, packages: tuple[str, ...], suite: str
             if result.get("StatusCode") != 0:
                 logs = container.logs().decode(errors="replace")[-3000:]
                 raise NotReady(f"installing {' '.join(packages)} into {parent} failed:\n{logs}")
-            # The committed image keeps the parent's own start settings, not the install's.
-            changes = [f"ENTRYPOINT {json.dumps(image_config.get('Entrypoint') or [])}",
-                       f"CMD {json.dumps(image_config.get('Cmd') or [])}",
-                       f"USER {image_config.get('User') or '0:0'}"]
             repository, _, version = tag.partition(":")
-            container.commit(repository=repository, tag=version, changes=changes,
-                             message=f"airlock: dpkg -i {' '.join(packages)}")
+            staged = container.commit(repository=repository, tag=f"{version}-staged",
+                                      message=f"airlock: dpkg -i {' '.join(packages)}")
         finally:
             container.remove(force=True)
+        # A commit keeps the install's entrypoint, and `docker commit --change
+        # 'ENTRYPOINT []'` cannot clear it: a one-line build puts the parent's back.
+        restore = (f"FROM {staged.id}\n"
+                   f"ENTRYPOINT {json.dumps(image_config.get('Entrypoint') or [])}\n"
+                   f"CMD {json.dumps(image_config.get('Cmd') or [])}\n"
+                   f"USER {image_config.get('User') or '0:0'}\n")
+        try:
+            client.images.build(fileobj=io.BytesIO(restore.encode()), tag=tag, rm=True,
+                                forcerm=True, pull=False)
+        finally:
+            client.images.remove(f"{repository}:{version}-staged", noprune=True)
     return tag

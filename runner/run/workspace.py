@@ -215,6 +215,9 @@ def _special(path: Path) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode))
 
 
+GIT_DIR = ".git"
+
+
 def _index(root: Path, unreadable: list[str]) -> dict[str, os.stat_result]:
     """Every file and link under `root` by relative path, never following a link; what
     cannot be read (a path past PATH_MAX, say) goes to `unreadable`, not silently away."""
@@ -225,6 +228,11 @@ def _index(root: Path, unreadable: list[str]) -> dict[str, os.stat_result]:
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=note):
         rel_dir = os.path.relpath(dirpath, root)
+        # Git's own metadata is not the agent's change: `git status` alone rewrites
+        # .git/index, and `git apply` refuses any patch that touches .git (so would a
+        # host that applies a patch: hooks and config there run code).
+        dirnames[:] = [d for d in dirnames if d != GIT_DIR]
+        filenames = [f for f in filenames if f != GIT_DIR]
         for name in [*dirnames, *filenames]:
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
             try:
