@@ -60,6 +60,15 @@ class Exit:
 
 
 @dataclass(frozen=True)
+class ResourceSample:
+    """What the engine's own accounting says a running container has used so far."""
+
+    cpu_seconds: float
+    memory_bytes: int  # in use now, page cache that can be reclaimed left out
+    memory_peak: int | None  # the engine's high-water mark, where it keeps one (cgroup v1)
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     name: str
     version: str
@@ -128,3 +137,7 @@ class Engine(ABC):
 
     @abstractmethod
     def remove_object(self, obj: ManagedObject) -> None: ...
+
+    def stats(self, container_id: str) -> ResourceSample | None:
+        """A running container's CPU and memory use, or None when the engine cannot say."""
+        return None

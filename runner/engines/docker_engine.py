@@ -23,6 +23,7 @@ from runner.engines.base import (
     EngineInfo,
     Exit,
     ManagedObject,
+    ResourceSample,
     Sandbox,
 )
 from runner.errors import NotReady
@@ -293,6 +294,21 @@ class DockerEngine(Engine):
                                      labels.get(LABEL_OWNER, ""), False))
         return out
 
+    def stats(self, container_id: str) -> ResourceSample | None:
+        """From the Engine API's stats (`docker stats`), never from cgroup files.
+
+        The API hides whether the host has cgroup v1 or v2: CPU time is in nanoseconds
+        either way; the peak (`max_usage`) exists only on v1, so callers that need one
+        on v2 keep the highest sample themselves.
+        """
+        import docker.errors
+
+        try:
+            raw = self.client.api.stats(container_id, stream=False, one_shot=True)
+        except (docker.errors.APIError, docker.errors.InvalidVersion):
+            return None
+        return parse_stats(raw)
+
     def remove_object(self, obj: ManagedObject) -> None:
         import docker.errors
 
@@ -303,6 +319,20 @@ class DockerEngine(Engine):
                 self.client.api.remove_network(obj.id)
             elif obj.kind == "volume":
                 self.client.api.remove_volume(obj.id, force=True)
+
+
+def parse_stats(raw: dict[str, Any]) -> ResourceSample | None:
+    cpu = ((raw.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage")
+    mem = raw.get("memory_stats") or {}
+    if not cpu and not mem.get("usage"):
+        return None  # a container that is not running reports nothing (or zeros)
+    detail = mem.get("stats") or {}
+    # What `docker stats` shows: usage less the inactive page cache (v2, then v1 names).
+    cache = detail.get("inactive_file", detail.get("total_inactive_file", 0))
+    usage = max(0, int(mem.get("usage") or 0) - int(cache or 0))
+    peak = mem.get("max_usage")
+    return ResourceSample(cpu_seconds=int(cpu or 0) / 1e9, memory_bytes=usage,
+                          memory_peak=int(peak) if peak else None)
 
 
 def connect() -> DockerEngine:

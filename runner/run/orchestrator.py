@@ -15,7 +15,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,13 +86,22 @@ class RunOptions:
     # Unix sockets of the caller's own (the per-user server's) that a workspace must not
     # expose; the engine's are always checked (runner/run/guard.py).
     protected_sockets: list[str] = field(default_factory=list)
+    # The id to use, when the caller chose it (the service records a run before it starts).
+    run_id: str | None = None
+    # Where the run's credentials and `env.allow` values come from: the host's own
+    # environment unless the caller builds one per run (the service, per tenant).
+    environ: Mapping[str, str] | None = None
+
+    @property
+    def env_source(self) -> Mapping[str, str]:
+        return os.environ if self.environ is None else self.environ
 
 
 class Run:
     def __init__(self, options: RunOptions) -> None:
         self.o = options
         self.policy = with_agent_tmpfs(options.policy, options.agent)
-        self.run_id = new_run_id()
+        self.run_id = options.run_id or new_run_id()
         base = options.runs_dir or runs_dir()
         # Refused before anything exists: a refused run leaves no directory behind.
         check_model(self.policy, options.model)
@@ -111,7 +120,8 @@ class Run:
             self.log, self._on_budget,
         )
         self._sandbox: Sandbox | None = None
-        self._end_reason: str | None = None  # budget | timeout | interrupted | disk | log | *_abuse
+        # budget | timeout | interrupted | disk | log | *_abuse | cancelled
+        self._end_reason: str | None = None
         self._lock = threading.Lock()
         self._agent_started: float | None = None
         self._agent_ended: float | None = None
@@ -156,6 +166,11 @@ class Run:
             # engine needs before the container can die: under gVisor a kill waited on it
             # forever) or the services' event loop (which must keep answering meanwhile).
             threading.Thread(target=sandbox.kill, name="airlock-kill", daemon=True).start()
+
+    def cancel(self) -> None:
+        """End the run from another thread: the sandbox is killed, or never started."""
+        self.log.emit("run.cancel", "host")
+        self._end("cancelled")
 
     def _on_budget(self, exc: BudgetExceeded) -> None:
         self._end("budget")
@@ -456,6 +471,8 @@ class Run:
             return ExitCode.BUDGET_EXCEEDED, "budget_exceeded", reason
         if reason == "interrupted":
             return 130, "interrupted", "interrupted"
+        if reason == "cancelled":
+            return 130, "cancelled", "cancelled"
         if oom:
             return ExitCode.KILLED, "oom", "oom"
         if self._selftest is not None and not self._selftest.get("ok") and code == 3:
@@ -473,6 +490,10 @@ class Run:
         deadline = self.policy.resources.wall_time
         timer = threading.Timer(deadline, self._end, args=("timeout",))
         timer.daemon = True
+        with self._lock:
+            cancelled = self._end_reason is not None
+        if cancelled:  # ended before the sandbox existed: it never starts
+            return 137, False
         if warm is not None:
             # Attached before the configuration goes down: every byte the agent writes
             # is collected, as with a cold start's attach-before-start.
@@ -481,6 +502,10 @@ class Run:
         else:
             sandbox.start()
         self.log.emit("sandbox.started", "host")
+        with self._lock:
+            cancelled = self._end_reason is not None
+        if cancelled:  # ended while it started: the kill may have found nothing to kill
+            threading.Thread(target=sandbox.kill, name="airlock-kill", daemon=True).start()
         timer.start()
         reader = threading.Thread(target=self._pump_output, args=(sandbox,), daemon=True)
         reader.start()
@@ -543,9 +568,10 @@ class Run:
         p = self.policy
         env = {"PATH": DEFAULT_PATH, "HOME": SANDBOX_HOME, "LANG": "C.UTF-8", "TMPDIR": "/tmp",
                "AIRLOCK_RUN_ID": self.run_id}
+        source = self.o.env_source
         for name in p.env.allow:
-            if name in os.environ:
-                env[name] = os.environ[name]
+            if name in source:
+                env[name] = source[name]
         env.update(p.env.set)
         env.update(agent.env(ctx))
         env.update(ctx.endpoints)

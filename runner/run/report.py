@@ -14,9 +14,11 @@ REPORT_PATCH_MAX = 1 << 20  # a larger patch is only in changes.patch, not inlin
 class RunResult:
     run_id: str
     run_dir: Path
-    status: str  # succeeded | failed | budget_exceeded | timeout | oom | interrupted | not_ready | error
+    # succeeded | failed | budget_exceeded | timeout | oom | interrupted | cancelled | not_ready | error
+    status: str
     exit_code: int
-    # command | agent | budget | wall_time | oom | interrupted | selftest | sandbox | disk | error
+    # command | agent | budget | wall_time | oom | interrupted | cancelled | selftest | sandbox | disk
+    # | error
     exit_reason: str
     agent: str
     policy: str | None

@@ -47,7 +47,8 @@ def start_services(run: Run, host: ServiceHost, run_dir: Path
         from runner.gateway import ProviderGateway
 
         gateway = ProviderGateway(policy.provider, run_dir / "provider.sock", run.log,
-                                  run.budgets, record_path=run.o.record)
+                                  run.budgets, record_path=run.o.record,
+                                  environ=run.o.env_source)
         _start(host, gateway, "provider gateway")
         run.gateway = gateway
         bridges.append(_bridge("provider"))
