@@ -445,3 +445,23 @@ def policy_from_dict(data: dict[str, Any], *, name: str = "<python>") -> Policy:
     if policy is None:
         raise PolicyError(problems.items)
     return policy
+
+
+def parse_yaml(text: str, name: str) -> tuple[Any, dict[PathKey, Origin], list[str]]:
+    """One YAML document as plain data, with each key's `(file, line)`, and its problems.
+
+    The same bounded loading as policies (the service's config and the policies runs
+    send as YAML text use it), so a limit added here protects all of them.
+    """
+    problems = _Problems()
+    node = _compose(text, name, problems)
+    origins: dict[PathKey, Origin] = {}
+    data = None if node is None else _to_python(node, name, (), origins, problems)
+    return data, origins, problems.items
+
+
+def merge_onto(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """`overlay` applied on top of `base` as `extends:` does: mappings key by key."""
+    merged = json.loads(json.dumps(base))
+    _merge(merged, {}, json.loads(json.dumps(overlay)), {})
+    return merged
