@@ -32,7 +32,10 @@ images_app = typer.Typer(help="Build and list sandbox images.", no_args_is_help=
 runs_app = typer.Typer(help="Past runs.", no_args_is_help=True)
 remote_app = typer.Typer(help="Runs on an Airlock service (airlock serve --config).",
                          no_args_is_help=True)
+keys_app = typer.Typer(help="Keys for `airlock serve --config` (the multi-tenant service).",
+                       no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
+app.add_typer(keys_app, name="keys")
 app.add_typer(images_app, name="images")
 app.add_typer(runs_app, name="runs")
 app.add_typer(remote_app, name="remote")
@@ -438,6 +441,9 @@ def conformance(
 
 @app.command()
 def serve(
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="Run the multi-tenant HTTP service this file configures "
+        "(see README: Running Airlock for many tenants).")] = None,
     socket_path: Annotated[Path | None, typer.Option(
         "--socket", help="Socket path (default: $XDG_RUNTIME_DIR/airlock/serve.sock, "
         "else ~/.cache/airlock/serve/serve.sock; or $AIRLOCK_SERVE_SOCKET).")] = None,
@@ -454,7 +460,18 @@ def serve(
     same either way: output, exit codes, Ctrl-C, and the client's own environment.
     `airlock run` starts one by itself when none answers (set AIRLOCK_AUTO_SERVE=0 to
     stop that); such a server exits after 30 idle minutes.
+
+    With --config FILE it is instead the service for many tenants: an HTTP API with
+    per-tenant keys, policy floors, quotas and fair scheduling, in the foreground
+    (SIGTERM drains it).
     """
+    if config is not None:
+        if socket_path is not None or stop or auto or idle_exit is not None:
+            typer.echo("airlock: --config runs the multi-tenant service; --socket, --stop, "
+                       "--idle-exit belong to the per-user server", err=True)
+            raise typer.Exit(ExitCode.BAD_INPUT)
+        _serve_config(config)
+        return
     from runner.server import daemon
 
     if stop:
@@ -466,6 +483,35 @@ def serve(
     except AirlockError as exc:
         _fail(exc)
     raise typer.Exit(code)
+
+
+def _serve_config(config: Path) -> None:
+    from runner.errors import PolicyError
+    from runner.service.serve import serve as serve_service
+
+    try:
+        code = serve_service(str(config))
+    except PolicyError as exc:
+        for problem in exc.problems:
+            typer.echo(problem, err=True)
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
+    except AirlockError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
+@keys_app.command("new")
+def keys_new() -> None:
+    """Print a new random tenant key, then the line for the service's config.
+
+    Give the key to the tenant and put the second line in its `tenants.NAME` section
+    (or use it as `operator_key_sha256`). The key itself is stored nowhere.
+    """
+    from runner.service.keys import key_sha256, new_key
+
+    key = new_key()
+    typer.echo(key)
+    typer.echo(f"api_key_sha256: {key_sha256(key)}")
 
 
 def _terminate(signum: int, frame: object) -> None:
