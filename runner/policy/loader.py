@@ -454,7 +454,7 @@ def parse_yaml(text: str, name: str) -> tuple[Any, dict[PathKey, Origin], list[s
     send as YAML text use it), so a limit added here protects all of them.
     """
     problems = _Problems()
-    node = _compose(text, name, problems)
+    node = compose_bounded(text, name, problems)
     origins: dict[PathKey, Origin] = {}
     data = None if node is None else _to_python(node, name, (), origins, problems)
     return data, origins, problems.items

@@ -59,7 +59,7 @@ class RunMeter:
         elif t == "proxy.closed":
             with self._lock:
                 self.c["egress_bytes"] += _num(d.get("bytes_up")) + _num(d.get("bytes_down"))
-        elif t == "sandbox.created":
+        elif t in ("sandbox.created", "sandbox.claimed"):  # cold, or from a warm pool
             self.container = str(d.get("container") or "") or None
             for hook in self.on_container:
                 hook(self.container)

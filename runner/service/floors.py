@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from runner.policy.floor import Widening, widenings_over
-from runner.policy.loader import merge_onto, parse_yaml
+from runner.policy.loader import MAX_POLICY_BYTES, merge_onto, parse_yaml
 from runner.policy.models import Policy
 from runner.service.config import TenantConfig
 
@@ -41,6 +41,8 @@ def _one_line(text: str, limit: int = 2000) -> str:
 
 def _document(policy: dict[str, Any] | str) -> dict[str, Any]:
     if isinstance(policy, str):
+        if len(policy.encode("utf-8", errors="replace")) > MAX_POLICY_BYTES:
+            raise Refused(413, f"policy: larger than {MAX_POLICY_BYTES >> 10} KiB")
         try:
             data, _, problems = parse_yaml(policy, "policy")
         except (RecursionError, MemoryError):  # nesting or aliases beyond any policy's

@@ -1,0 +1,464 @@
+"""The multi-tenant service (`airlock serve --config`) over real HTTP, with real sandboxes.
+
+Each test starts a real service process (runner.testing.service) on a loopback port
+with its own SQLite database and runs directory, and talks to it with httpx as a
+tenant would. Runs are real: the command agent in the real image on the real engine,
+and the builtin agent against the scripted provider for the per-tenant key test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from runner.events.verify import verify_log
+from runner.testing import ScriptedProvider
+from runner.testing.service import ServiceProcess
+from tests.conftest import AIRLOCK
+
+pytestmark = pytest.mark.usefixtures("engine")
+
+MODEL = "claude-sonnet-4-5"
+
+
+def floor_file(root: Path, name: str, body: str) -> str:
+    path = root / f"{name}.yaml"
+    path.write_text(body)
+    return str(path)
+
+
+def strict_floor(root: Path, provider_url: str = "http://127.0.0.1:9") -> str:
+    return floor_file(root, "floor-strict", f"""\
+extends: default
+filesystem:
+  workspace: ro
+  tmpfs: {{/tmp: 64m, /home/airlock: 64m}}
+network:
+  mode: gateway
+process:
+  runtime: runsc
+resources: {{memory: 512m, cpus: 1.0, pids: 256, wall_time: 120s, output_bytes: 1m}}
+env:
+  allow: [TZ]
+provider:
+  backend: anthropic
+  base_url: {provider_url}
+  api_key_env: ANTHROPIC_API_KEY
+  models: {{default: {MODEL}}}
+budgets: {{steps: 50, requests: 50, tokens: 100000, mcp_calls: 10}}
+""")
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One service for the tests that only talk to the API (or run a few quick commands)."""
+    root = tmp_path_factory.mktemp("service")
+    (root / "ws-acme" / "repo").mkdir(parents=True)
+    (root / "ws-acme" / "repo" / "README").write_text("hello\n")
+    (root / "ws-acme" / "a-file").write_text("x")
+    (root / "outside").mkdir()
+    os.symlink(root / "outside", root / "ws-acme" / "escape")
+    proxy_floor = floor_file(root, "floor-proxy", """\
+extends: default
+network: {mode: proxy, allow: ["pkg.example.org:443"]}
+""")
+    svc = ServiceProcess(root, capacity=2, tenants={
+        "acme": {"floor": "default", "workspaces": str(root / "ws-acme")},
+        "globex": {"floor": "default"},
+        "strict": {"floor": strict_floor(root)},
+        "proxied": {"floor": proxy_floor},
+    })
+    with svc:
+        yield svc
+
+
+# -- keys, auth, isolation -------------------------------------------------------------
+
+
+def test_keys_new_prints_a_key_and_its_config_line() -> None:
+    out = subprocess.run([*AIRLOCK, "keys", "new"], capture_output=True, text=True, check=True)
+    key, line = out.stdout.strip().splitlines()
+    assert key.startswith("alk_") and len(key) > 40
+    assert line == f"api_key_sha256: {hashlib.sha256(key.encode()).hexdigest()}"
+    again = subprocess.run([*AIRLOCK, "keys", "new"], capture_output=True, text=True, check=True)
+    assert again.stdout.splitlines()[0] != key
+
+
+def test_no_key_or_a_wrong_key_is_401(shared: ServiceProcess) -> None:
+    with shared.client() as anon, shared.client(key="alk_" + "0" * 64) as wrong:
+        for c in (anon, wrong):
+            r = c.post("/v1/runs", json={"command": ["true"]})
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert c.get("/v1/runs").status_code == 401
+            assert c.get("/v1/usage").status_code == 401
+            assert c.get("/metrics").status_code == 401
+        assert anon.get("/healthz").json()["status"] == "ok"
+        spec = anon.get("/openapi.json").json()
+        for path in ("/v1/runs", "/v1/runs/{run_id}", "/v1/runs/{run_id}/events",
+                     "/v1/runs/{run_id}/cancel", "/v1/usage", "/healthz", "/metrics"):
+            assert path in spec["paths"], path
+        assert "RunRequest" in spec["components"]["schemas"]
+
+
+def test_a_tenant_sees_only_its_own_runs(shared: ServiceProcess) -> None:
+    with shared.client("acme") as acme, shared.client("globex") as globex:
+        r = acme.post("/v1/runs", json={"agent": "command", "command": ["echo", "mine"]})
+        assert r.status_code == 201, r.text
+        run_id = r.json()["id"]
+        assert r.json()["status"] == "queued"
+        info = shared.wait(acme, run_id)
+        assert info["status"] == "succeeded" and info["exit_code"] == 0
+        # Another tenant's run answers exactly like one that does not exist.
+        for path in (f"/v1/runs/{run_id}", f"/v1/runs/{run_id}/events",
+                     f"/v1/runs/{run_id}/patch"):
+            got, missing = globex.get(path), globex.get("/v1/runs/20990101-000000-0000000000")
+            assert got.status_code == missing.status_code == 404
+        assert globex.post(f"/v1/runs/{run_id}/cancel").status_code == 404
+        assert run_id not in [x["id"] for x in globex.get("/v1/runs").json()["runs"]]
+        assert run_id in [x["id"] for x in acme.get("/v1/runs").json()["runs"]]
+        # The run directory is the service's alone.
+        tenant_dir = shared.runs_dir / "acme"
+        assert tenant_dir.stat().st_mode & 0o777 == 0o700
+        assert (tenant_dir / run_id).stat().st_mode & 0o777 == 0o700
+        assert (tenant_dir / run_id / "events.jsonl").stat().st_mode & 0o077 == 0
+
+
+def test_events_stream_as_sse_and_jsonl_and_end_with_the_run(shared: ServiceProcess) -> None:
+    with shared.client("acme") as acme:
+        run_id = acme.post("/v1/runs", json={
+            "command": ["sh", "-c", "echo one; sleep 1; echo two"]}).json()["id"]
+        lines = []
+        with acme.stream("GET", f"/v1/runs/{run_id}/events", params={"format": "jsonl"}) as r:
+            assert r.headers["content-type"].startswith("application/x-ndjson")
+            for line in r.iter_lines():
+                lines.append(json.loads(line))
+        types = [e["type"] for e in lines]
+        assert types[0] == "run.start" and types[-1] == "run.end"
+        text = "".join(e["data"].get("text", "") for e in lines if e["type"] == "agent.output")
+        assert "one" in text and "two" in text
+        with acme.stream("GET", f"/v1/runs/{run_id}/events") as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            body = r.read().decode()
+        assert body.count("\ndata: ") + body.startswith("data: ") == len(lines) or \
+            body.count("data: ") == len(lines)
+        assert "event: run.end" in body
+        assert verify_log(shared.runs_dir / "acme" / run_id / "events.jsonl", run_id=run_id) == []
+
+
+def test_usage_and_metrics(shared: ServiceProcess) -> None:
+    with shared.client("globex") as globex:
+        run_id = globex.post("/v1/runs", json={
+            "command": ["sh", "-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; sleep 1"],
+        }).json()["id"]
+        info = shared.wait(globex, run_id)
+        assert info["status"] == "succeeded", info
+        u = info["usage"]
+        assert u["wall_seconds"] > 1.0
+        assert u["cpu_seconds"] > 0.05  # from the engine's stats, sampled while it ran
+        assert u["peak_memory_bytes"] > 100_000
+        usage = globex.get("/v1/usage").json()
+        assert usage["tenant"] == "globex" and usage["totals"]["runs"] >= 1
+        assert usage["totals"]["cpu_seconds"] >= u["cpu_seconds"]
+    with shared.client(key=shared.operator_key) as op:
+        text = op.get("/metrics").text
+    assert 'airlock_tenant_runs_total{tenant="globex"}' in text
+    assert 'airlock_tenant_cpu_seconds_total{tenant="globex"}' in text
+    assert 'airlock_tenant_runs{state="queued",tenant="acme"}' in text
+    with shared.client("globex") as globex:
+        assert globex.get("/metrics").status_code == 401  # a tenant key is not the operator's
+
+
+# -- floors ------------------------------------------------------------------------------
+
+WIDENINGS: list[tuple[str, dict[str, Any], str]] = [
+    ("strict", {"process": {"runtime": "runc"}}, "process.runtime"),
+    ("strict", {"network": {"mode": "proxy", "allow": ["example.org:443"]}}, "network.mode"),
+    ("strict", {"filesystem": {"workspace": "rw"}}, "filesystem.workspace"),
+    ("strict", {"filesystem": {"tmpfs": {"/tmp": "128m"}}}, "filesystem.tmpfs./tmp"),
+    ("strict", {"resources": {"memory": "1g"}}, "resources.memory"),
+    ("strict", {"resources": {"cpus": 2}}, "resources.cpus"),
+    ("strict", {"resources": {"pids": 1024}}, "resources.pids"),
+    ("strict", {"resources": {"wall_time": "1h"}}, "resources.wall_time"),
+    ("strict", {"resources": {"output_bytes": "64m"}}, "resources.output_bytes"),
+    ("strict", {"budgets": {"tokens": 10_000_000}}, "budgets.tokens"),
+    ("strict", {"budgets": {"requests": None}}, "budgets.requests"),
+    ("strict", {"env": {"allow": ["TZ", "LC_ALL"]}}, "env.allow"),
+    ("strict", {"process": {"capabilities": ["NET_BIND_SERVICE"]}}, "process.capabilities"),
+    ("strict", {"process": {"seccomp": {"allow": ["io_setup"]}}}, "process.seccomp.allow"),
+    ("strict", {"provider": {"base_url": "http://127.0.0.1:1"}}, "provider.base_url"),
+    ("strict", {"provider": {"backend": "openai-compatible"}}, "provider.backend"),
+    ("strict", {"provider": {"models": {"default": "some-other-model"}}}, "provider.models"),
+    ("strict", {"mcp": {"tools": ["os:system"]}}, "mcp.tools"),
+    ("proxied", {"network": {"allow": ["evil.example.com:443"]}}, "network.allow"),
+    ("acme", {"provider": {"backend": "anthropic", "base_url": "http://127.0.0.1:1"}},
+     "provider"),
+]
+
+
+@pytest.mark.parametrize(("tenant", "policy", "key"), WIDENINGS,
+                         ids=[f"{t}-{k}" for t, _, k in WIDENINGS])
+def test_each_widening_of_the_floor_is_refused_naming_the_key(
+        shared: ServiceProcess, tenant: str, policy: dict[str, Any], key: str) -> None:
+    with shared.client(tenant) as c:
+        before = c.get("/v1/runs").json()["runs"]
+        r = c.post("/v1/runs", json={"command": ["true"], "policy": policy})
+        assert r.status_code == 403, r.text
+        assert f"{key}:" in r.json()["error"], r.json()
+        # The same, sent as YAML text.
+        import yaml
+
+        r = c.post("/v1/runs", json={"command": ["true"], "policy": yaml.safe_dump(policy)})
+        assert r.status_code == 403 and f"{key}:" in r.json()["error"]
+        assert c.get("/v1/runs").json()["runs"] == before  # nothing half-created
+
+
+def test_a_tightening_is_accepted_and_applied(shared: ServiceProcess) -> None:
+    with shared.client("acme") as acme:
+        r = acme.post("/v1/runs", json={
+            "command": ["sh", "-c", "cat /sys/fs/cgroup/memory/memory.limit_in_bytes "
+                        "2>/dev/null || cat /sys/fs/cgroup/memory.max"],
+            "policy": "resources: {memory: 256m}\nnetwork: {mode: none}\nbudgets: {steps: 5}\n"})
+        assert r.status_code == 201, r.text
+        run_id = r.json()["id"]
+        info = shared.wait(acme, run_id)
+        assert info["status"] == "succeeded", info
+        policy = json.loads((shared.runs_dir / "acme" / run_id / "policy.json").read_text())
+        assert policy["resources"]["memory"] == "256m"
+        assert policy["network"]["mode"] == "none"
+        out = "".join(json.loads(x)["data"].get("text", "") for x in
+                      (shared.runs_dir / "acme" / run_id / "events.jsonl").read_text().splitlines()
+                      if '"agent.output"' in x)
+        assert str(256 << 20) in out  # the engine enforces the tightened limit
+
+
+# -- workspaces --------------------------------------------------------------------------
+
+WORKSPACES = [("..", 403), ("/", 403), ("/etc", 403), ("escape", 403), ("repo/../..", 403),
+              ("a-file", 400), ("missing", 400)]
+
+
+@pytest.mark.parametrize(("path", "status"), WORKSPACES, ids=[p for p, _ in WORKSPACES])
+def test_workspaces_outside_the_tenant_root_are_refused(shared: ServiceProcess, path: str,
+                                                        status: int) -> None:
+    with shared.client("acme") as acme:
+        r = acme.post("/v1/runs", json={"command": ["true"], "workspace": path})
+        assert r.status_code == status, r.text
+        assert r.json()["error"].startswith("workspace:")
+    with shared.client("globex") as globex:  # no workspaces root at all
+        r = globex.post("/v1/runs", json={"command": ["true"], "workspace": "repo"})
+        assert r.status_code == 403
+
+
+def test_a_workspace_under_the_root_is_mounted(shared: ServiceProcess) -> None:
+    with shared.client("acme") as acme:
+        run_id = acme.post("/v1/runs", json={"command": ["cat", "/workspace/README"],
+                                             "workspace": "repo"}).json()["id"]
+        assert shared.wait(acme, run_id)["status"] == "succeeded"
+        log = (shared.runs_dir / "acme" / run_id / "events.jsonl").read_text()
+        assert "hello" in log
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+BILLION_LAUGHS = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+    f"{c}: &{c} [{','.join(['*' + p] * 9)}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi", strict=True)) + "resources: {memory: 256m}\n"
+
+
+def test_bad_input_gets_one_line_and_the_right_status(shared: ServiceProcess) -> None:
+    cases: list[tuple[dict[str, Any], int]] = [
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
+        ({"content": b"[1, 2]", "headers": {"content-type": "application/json"}}, 422),
+        ({"content": b"command=true"}, 400),
+        ({"json": {"command": "true"}}, 422),
+        ({"json": {"command": ["true"], "colour": "red"}}, 422),
+        ({"json": {"agent": "nope", "command": ["true"]}}, 422),
+        ({"json": {"agent": "builtin"}}, 422),
+        ({"json": {"command": ["true"], "policy": {"resources": {"memroy": "1g"}}}}, 422),
+        ({"json": {"command": ["true"], "policy": {"resources": {"memory": "lots"}}}}, 422),
+        ({"json": {"command": ["true"], "policy": "resources: [\n"}}, 400),
+        ({"json": {"command": ["true"], "policy": "a: &a [*a]\n"}}, 400),
+        ({"json": {"command": ["true"], "policy": BILLION_LAUGHS}}, 400),
+        ({"json": {"command": ["true"], "policy": {"extends": "/etc/passwd"}}}, 400),
+        ({"json": {"command": ["true"], "policy": 42}}, 422),
+        ({"json": {"command": ["x" * (2 << 20)]}}, 413),
+    ]
+    with shared.client("globex") as c:
+        before = c.get("/v1/runs").json()["runs"]
+        for kwargs, status in cases:
+            t0 = time.monotonic()
+            r = c.post("/v1/runs", **kwargs)
+            assert r.status_code == status, (kwargs.get("json", kwargs.get("content")), r.text)
+            error = r.json()["error"]
+            assert "\n" not in error and "Traceback" not in error and error
+            assert time.monotonic() - t0 < 10
+        assert c.get("/v1/runs").json()["runs"] == before  # no half-created run
+
+
+def test_an_oversized_chunked_body_is_refused_before_it_is_read_whole(
+        shared: ServiceProcess) -> None:
+    sent = {"n": 0}
+
+    def body() -> Any:
+        for _ in range(64):  # 64 MiB offered; the service stops reading after 1 MiB
+            sent["n"] += 1
+            yield b"x" * (1 << 20)
+
+    with shared.client("globex") as c:
+        try:
+            r = c.post("/v1/runs", content=body(), headers={"content-type": "application/json"})
+            assert r.status_code == 413
+        except httpx.HTTPError:
+            pass  # the service may close the connection while the client still sends
+    assert sent["n"] < 64
+
+
+# -- quotas and fairness -----------------------------------------------------------------
+
+
+def test_quotas_answer_429_with_retry_after(tmp_path: Path) -> None:
+    with ServiceProcess(tmp_path, capacity=1, tenants={
+        "small": {"floor": "default", "quota": {"concurrent": 1, "queued": 2}},
+        "daily": {"floor": "default", "quota": {"runs_per_day": 2}},
+    }) as svc, svc.client("small") as small, svc.client("daily") as daily:
+        ids = []
+        for _ in range(3):  # one runs, two wait
+            r = small.post("/v1/runs", json={"command": ["sleep", "30"]})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+        svc.wait(small, ids[0], until={"running"}, timeout=60)
+        r = small.post("/v1/runs", json={"command": ["true"]})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert "queued" in r.json()["error"]
+        for _ in range(2):
+            assert daily.post("/v1/runs", json={"command": ["true"]}).status_code == 201
+        r = daily.post("/v1/runs", json={"command": ["true"]})
+        assert r.status_code == 429 and "runs_per_day" in r.json()["error"]
+        assert int(r.headers["retry-after"]) <= 86400
+        # A cancelled queued run frees its place at once.
+        assert small.post(f"/v1/runs/{ids[2]}/cancel").json()["status"] == "cancelled"
+        assert small.post("/v1/runs", json={"command": ["true"]}).status_code == 201
+        for run_id in ids[:2]:
+            small.post(f"/v1/runs/{run_id}/cancel")
+        assert svc.wait(small, ids[0])["status"] == "cancelled"
+
+
+def test_a_backlog_delays_another_tenants_run_by_at_most_one_slot(tmp_path: Path) -> None:
+    with ServiceProcess(tmp_path, capacity=1, tenants={
+        "busy": {"floor": "default", "quota": {"queued": 100}},
+        "quiet": {"floor": "default"},
+    }) as svc, svc.client("busy") as busy, svc.client("quiet") as quiet:
+        backlog = [busy.post("/v1/runs", json={"command": ["sleep", "1"]}).json()["id"]
+                   for _ in range(12)]
+        svc.wait(busy, backlog[0], until={"running"}, timeout=60)
+        mine = quiet.post("/v1/runs", json={"command": ["true"]}).json()["id"]
+        done = svc.wait(quiet, mine, timeout=120)
+        assert done["status"] == "succeeded"
+        infos = [busy.get(f"/v1/runs/{i}").json() for i in backlog]
+        before = [i for i in infos if i["started_at"] and i["started_at"] < done["started_at"]]
+        assert len(before) <= 2, before  # the one running when it came, and at most one more
+        assert len(before) >= 1
+        for i in backlog:
+            busy.post(f"/v1/runs/{i}/cancel")
+
+
+# -- the provider key per tenant --------------------------------------------------------
+
+
+def test_each_tenants_provider_key_is_used_for_its_runs_only(tmp_path: Path) -> None:
+    with ScriptedProvider([{"text": "done"}], loop=True) as upstream:
+        floor = strict_floor(tmp_path, upstream.url)
+        env = {"SVC_KEY_A": "sk-tenant-a-" + "a" * 24, "SVC_KEY_B": "sk-tenant-b-" + "b" * 24}
+        with ServiceProcess(tmp_path, capacity=2, env=env, tenants={
+            "a": {"floor": floor, "provider_keys": {"ANTHROPIC_API_KEY": "SVC_KEY_A"},
+                  "quota": {"tokens_per_day": 1}},
+            "b": {"floor": floor, "provider_keys": {"ANTHROPIC_API_KEY": "SVC_KEY_B"}},
+            "c": {"floor": floor},
+        }) as svc:
+            seen: dict[str, set[str | None]] = {}
+            for tenant in ("a", "b"):
+                n = len(upstream.requests)
+                with svc.client(tenant) as c:
+                    r = c.post("/v1/runs", json={"agent": "builtin", "task": "say done",
+                                                 "model": "default"})
+                    assert r.status_code == 201, r.text
+                    info = svc.wait(c, r.json()["id"], timeout=180)
+                    # a's day allows 1 token: its run's token budget is cut to that, and
+                    # the first answer spends it (the run ends on its budget).
+                    want = "budget" if tenant == "a" else "succeeded"
+                    assert info["status"] == want, (info, svc.log())
+                    assert info["usage"]["provider_requests"] >= 1
+                    assert info["usage"]["tokens"] > 0
+                seen[tenant] = {q.header("x-api-key") for q in upstream.requests[n:]}
+            assert seen["a"] == {env["SVC_KEY_A"]}
+            assert seen["b"] == {env["SVC_KEY_B"]}
+            # The service's own environment never carries a run's key variable.
+            pid = svc.proc.pid if svc.proc else 0
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert not any(v.startswith(b"ANTHROPIC_API_KEY=") for v in environ)
+            with svc.client("c") as c:  # no key configured: the run fails, nothing leaks
+                info = svc.wait(c, c.post("/v1/runs", json={
+                    "agent": "builtin", "task": "x"}).json()["id"], timeout=120)
+                assert info["status"] == "failed"
+            with svc.client("a") as a:  # a's tokens for today are spent
+                r = a.post("/v1/runs", json={"agent": "builtin", "task": "again"})
+                assert r.status_code == 429 and "tokens_per_day" in r.json()["error"]
+
+
+# -- SIGTERM -----------------------------------------------------------------------------
+
+
+def test_sigterm_drains_and_keeps_every_record(tmp_path: Path) -> None:
+    svc = ServiceProcess(tmp_path, capacity=2, tenants={"acme": {"floor": "default"}},
+                         extra={"shutdown_grace": "4s"})
+    with svc, svc.client("acme") as c:
+        short = c.post("/v1/runs", json={"command": ["sleep", "2"]}).json()["id"]
+        long = c.post("/v1/runs", json={"command": ["sleep", "300"]}).json()["id"]
+        queued = c.post("/v1/runs", json={"command": ["true"]}).json()["id"]
+        svc.wait(c, long, until={"running"}, timeout=60)
+        svc.wait(c, short, until={"running"}, timeout=60)
+        t0 = time.monotonic()
+        assert svc.proc is not None
+        svc.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        r = c.post("/v1/runs", json={"command": ["true"]})
+        assert r.status_code == 503 and r.headers.get("retry-after")
+        assert c.get("/healthz").json()["status"] == "draining"
+        code = svc.proc.wait(60)
+        took = time.monotonic() - t0
+    assert code == 0, svc.log()
+    assert took < 4 + 30, took
+    db = sqlite3.connect(tmp_path / "airlock.db")
+    rows = dict(db.execute("select id, status from runs").fetchall())
+    assert rows[short] == "succeeded"
+    assert rows[long] == "cancelled"
+    assert rows[queued] == "queued"  # for the next start, or another host
+    for run_id in (short, long):
+        log = tmp_path / "runs" / "acme" / run_id / "events.jsonl"
+        assert verify_log(log, run_id=run_id) == []
+        assert json.loads(log.read_text().splitlines()[-1])["type"] == "run.end"
+
+
+# -- the config --------------------------------------------------------------------------
+
+
+def test_a_config_with_an_unknown_key_exits_2_with_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: 127.0.0.1:0\ntenants:\n  acme:\n    api_key_sha256: '" + "a" * 64 +
+                   "'\n    flor: strict\n")
+    out = subprocess.run([sys.executable, "-m", "runner.cli", "serve", "--config", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert f"{bad}:5: tenants.acme.flor: unknown key (did you mean 'floor'?)" in out.stderr
+    assert "Traceback" not in out.stderr
