@@ -50,7 +50,7 @@ from runner.conformance.engine import CreateHook, RecordingEngine
 from runner.engines import Engine
 from runner.errors import AirlockError, BadInput, NotReady
 from runner.events.verify import verify_log
-from runner.images.build import image_tag
+from runner.images.custom import run_image
 from runner.policy.compile import RUN_DIR_IN_SANDBOX
 from runner.policy.loader import policy_from_dict
 from runner.policy.models import Policy
@@ -472,7 +472,7 @@ class Suite:
     def _warm_pool(engine: Engine, policy: Policy) -> Pool:
         """A pool holding one warm sandbox of exactly this batch's boundary."""
         agent = CommandAgent()
-        recipe = Recipe(with_agent_tmpfs(policy, agent), image_tag(agent.image))
+        recipe = Recipe(with_agent_tmpfs(policy, agent), run_image(policy.image, agent.image, engine))
         pool = Pool(engine, max_total=1)
         pool.add(recipe, 1)
         if not pool.wait_ready(recipe, 1, timeout=120):
