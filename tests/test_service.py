@@ -462,3 +462,29 @@ def test_a_config_with_an_unknown_key_exits_2_with_file_and_line(tmp_path: Path)
     assert out.returncode == 2
     assert f"{bad}:5: tenants.acme.flor: unknown key (did you mean 'floor'?)" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_readme_config_example_loads_as_written(tmp_path: Path) -> None:
+    """README "Running Airlock for many tenants": the two YAML blocks, as printed."""
+    from runner.service.config import load_config
+    from runner.service.floors import Refused, apply_on_floor
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Running Airlock for many tenants", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```yaml\n")[1:]]
+    files = {b.splitlines()[0].removeprefix("# ").split(":")[0]: b for b in blocks}
+    assert set(files) == {"airlock.yaml", "floors/acme.yaml"}, list(files)
+    (tmp_path / "floors").mkdir()
+    for name, body in files.items():
+        (tmp_path / name).write_text(body)
+    config = load_config(tmp_path / "airlock.yaml")
+    assert config.listen == "127.0.0.1:8470" and config.capacity == 8
+    assert config.database == "sqlite:///var/lib/airlock/airlock.db"
+    acme, globex = config.tenants["acme"], config.tenants["globex"]
+    assert acme.weight == 2 and acme.quota.tokens_per_day == 5_000_000
+    assert acme.floor.process.runtime == "runsc" and acme.floor.provider is not None
+    assert acme.provider_keys == {"ANTHROPIC_API_KEY": "ACME_ANTHROPIC_KEY"}
+    assert apply_on_floor(acme, {"resources": {"memory": "256m"}}).resources.memory == 256 << 20
+    with pytest.raises(Refused) as refused:
+        apply_on_floor(globex, {"provider": {"backend": "anthropic"}})
+    assert refused.value.status == 403

@@ -242,7 +242,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         workspaces = None
         if t.workspaces is not None:
             workspaces = _resolve(base, t.workspaces).resolve()
-            if not workspaces.is_dir():
+            # Missing is allowed (made later; until then every workspace asked for is
+            # refused); something else in its place is a mistake worth stopping for.
+            if workspaces.exists() and not workspaces.is_dir():
                 where = origins.get(("tenants", tname, "workspaces"), (name, 1))
                 out.append(f"{where[0]}:{where[1]}: tenants.{tname}.workspaces: {workspaces} "
                            "is not a directory")

@@ -58,6 +58,9 @@ def serve(config_path: str) -> int:
     from runner.service.store import StoreError, open_store
 
     for tenant in config.tenants.values():
+        if tenant.workspaces is not None and not tenant.workspaces.is_dir():
+            log.warning("tenant %s: %s does not exist; its runs can name no workspace yet",
+                        tenant.name, tenant.workspaces)
         for run_var, service_var in tenant.provider_keys.items():
             if not os.environ.get(service_var):
                 log.warning("tenant %s: %s is not set, so its runs have no %s",
