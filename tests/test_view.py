@@ -605,6 +605,19 @@ def test_in_a_service_a_tenant_sees_only_its_own_runs(tenant_root: Path,
         everyone = c.get("/view/api/runs", headers=auth("operator")).json()["runs"]
         assert sorted(r["id"] for r in everyone) == sorted([mine, theirs])
         assert c.get(f"/view/api/runs/{theirs}", headers=auth("operator")).status_code == 200
+        # A run whose host died: no report, a log long quiet.
+        from runner.events.log import EventLog
+
+        dead = tenant_root / "acme" / (mine[:-1] + "z")
+        log = EventLog(dead / "events.jsonl", dead.name)  # the real writer, stopped early
+        log.emit("run.start", "host", agent="command", policy="default")
+        log.emit("sandbox.started", "host")
+        log.close()
+        old = time.time() - 3 * 3600
+        os.utime(dead / "events.jsonl", (old, old))
+        row = c.get(f"/view/api/runs/{dead.name}", headers=auth("acme")).json()["row"]
+        assert (row["status"], row["live"], row["chain"]) == ("lost", False, "unfinished")
+        shutil.rmtree(dead)
         # The page itself holds no run data: it is served without a key.
         page = c.get("/view/")
         assert page.status_code == 200 and mine not in page.text

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from importlib import resources
@@ -199,18 +200,51 @@ def _report_used(report: dict[str, Any] | None) -> dict[str, int | None]:
     return used
 
 
+def _verification(idx: LogIndex, report: dict[str, Any] | None, lost: bool) -> dict[str, Any]:
+    v = idx.verification(report)
+    if lost and v["state"] == "running":
+        return {"state": "unfinished", "line": None,
+                "message": "the run never ended (no report): the lines written are intact"}
+    return v
+
+
 def _main_model(idx: LogIndex) -> str | None:
     counter = idx.models or idx.agent_models
     return counter.most_common(1)[0][0] if counter else None
 
 
-def _row(run_id: str, report: dict[str, Any] | None, idx: LogIndex) -> dict[str, Any]:
+LOST_AFTER = 300  # seconds past its wall time that a run without a report must be gone
+
+
+def _lost(run_dir: Path, report: dict[str, Any] | None) -> bool:
+    """No report, and the log still since longer than the run could have lasted: its host
+    died (or was stopped) before writing one."""
+    if report is not None:
+        return False
+    from runner.policy.units import parse_duration
+
+    try:
+        quiet = time.time() - (run_dir / "events.jsonl").stat().st_mtime
+    except OSError:
+        quiet = time.time() - run_dir.stat().st_mtime
+    policy = _read_json(run_dir / "policy.json", POLICY_CAP)
+    wall = 600.0
+    res = policy.get("resources") if isinstance(policy, dict) else None
+    if isinstance(res, dict):
+        with contextlib.suppress(ValueError):
+            wall = parse_duration(res.get("wall_time", wall))
+    return quiet > wall + LOST_AFTER
+
+
+def _row(run_id: str, report: dict[str, Any] | None, idx: LogIndex,
+         lost: bool = False) -> dict[str, Any]:
     r = report or {}
     start = idx.start or {}
     used = _report_used(report)
     return {
         "id": run_id,
-        "status": r.get("status") or ("running" if report is None else "unknown"),
+        "status": r.get("status") or ("lost" if lost else "running" if report is None
+                                      else "unknown"),
         "exit_code": r.get("exit_code"),
         "exit_reason": r.get("exit_reason"),
         "agent": r.get("agent") or start.get("agent"),
@@ -223,8 +257,8 @@ def _row(run_id: str, report: dict[str, Any] | None, idx: LogIndex) -> dict[str,
         "requests": used["requests"] if used["requests"] is not None else idx.requests,
         "refusals": idx.refusal_count if idx.done else len(r.get("refused") or []),
         "events": idx.lines,
-        "chain": idx.verification(report)["state"],
-        "live": report is None,
+        "chain": _verification(idx, report, lost)["state"],
+        "live": report is None and not lost,
     }
 
 
@@ -297,7 +331,8 @@ def view_app(runs_for: RunsFor) -> ASGIApp:
                 idx.refresh(min(budget, SCAN_BUDGET))
                 budget -= max(0, idx.offset - before)
             pending = pending or not idx.done
-            rows.append(_row(run_id, runs.report(run_dir), idx))
+            report = runs.report(run_dir)
+            rows.append(_row(run_id, report, idx, _lost(run_dir, report)))
         return JSONResponse({"runs": rows, "pending": pending, "limit": LIST_LIMIT})
 
     def run_summary(request: Request) -> Response:
@@ -308,6 +343,7 @@ def view_app(runs_for: RunsFor) -> ASGIApp:
         idx = runs.index(run_id, run_dir)
         idx.refresh()
         report = runs.report(run_dir)
+        lost = _lost(run_dir, report)
         policy = _read_json(run_dir / "policy.json", POLICY_CAP)
         try:
             patch_bytes: int | None = (run_dir / "changes.patch").stat().st_size
@@ -316,7 +352,7 @@ def view_app(runs_for: RunsFor) -> ASGIApp:
         with idx.lock:
             body = {
                 "id": run_id,
-                "row": _row(run_id, report, idx),
+                "row": _row(run_id, report, idx, lost),
                 "report": report,
                 "start": idx.start,
                 "end": idx.end,
@@ -336,7 +372,7 @@ def view_app(runs_for: RunsFor) -> ASGIApp:
                 "last_ts": idx.last_ts,
                 "widened": idx.widened,
                 "selftest": idx.selftest,
-                "verification": idx.verification(report),
+                "verification": _verification(idx, report, lost),
                 "meters": {"counters": list(COUNTERS), "limits": _limits(report, policy),
                            "report_used": _report_used(report),
                            "series": idx.meters.series(idx.last_ts)},

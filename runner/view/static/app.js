@@ -80,14 +80,14 @@
   function statusBadge(status, live) {
     const s = str(status) || "unknown";
     const kind = live ? "live" : s === "succeeded" ? "ok" : s === "failed" ? "bad"
-      : ["budget_exceeded", "timeout", "oom"].includes(s) ? "warn" : "muted";
+      : ["budget_exceeded", "timeout", "oom", "lost"].includes(s) ? "warn" : "muted";
     return h("span", { class: "badge badge-" + kind, text: live ? "running" : s.replace(/_/g, " ") });
   }
 
   function chainBadge(state) {
     const map = {
       intact: ["ok", "✓ verified"], broken: ["bad", "✗ broken"], running: ["live", "● so far intact"],
-      checking: ["muted", "… checking"],
+      checking: ["muted", "… checking"], unfinished: ["warn", "◐ unfinished"],
     };
     const [kind, label] = map[state] || ["muted", str(state)];
     return h("span", { class: "chain chain-" + kind, text: label });
@@ -322,8 +322,9 @@
       intact: "Hash chain verified: every line is intact and the log matches report.json.",
       running: "The run is still being written; the chain is intact so far.",
       checking: "Checking the hash chain…",
+      unfinished: "The run never ended (its host stopped before writing report.json); the lines it wrote are intact.",
     };
-    const box = h("div", { class: "banner banner-" + (v.state === "broken" ? "bad" : v.state === "intact" ? "ok" : "muted"), id: "chain-state", "data-state": v.state },
+    const box = h("div", { class: "banner banner-" + (v.state === "broken" ? "bad" : v.state === "intact" ? "ok" : v.state === "unfinished" ? "warn" : "muted"), id: "chain-state", "data-state": v.state },
       chainBadge(v.state), " ",
       h("span", { text: v.state === "broken" ? `The log was altered: line ${v.line}: ${v.message}` : text[v.state] || "" }));
     if (v.state === "broken" && v.line) {
