@@ -36,3 +36,8 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'runner' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazily imported names are part of the module: dir(runner) lists them.
+    return sorted({*globals(), *_WHERE})

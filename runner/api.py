@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -117,15 +116,28 @@ def warm_pool(policy: PolicyLike = "default", *, agent: str = "command", size: i
 
 
 class RunHandle:
-    """A run in a background thread whose events can be iterated as they happen."""
+    """A run in a background thread whose events can be iterated as they happen.
+
+    Every call of `events()` yields the run's events from the first, then the new ones
+    as they come, and ends when the run does: a second loop replays, never hangs. The
+    events are kept in memory for that (the run's log cap, resources.log_bytes, bounds
+    them).
+    """
 
     def __init__(self, options: RunOptions) -> None:
-        self._queue: queue.Queue[Event | None] = queue.Queue()
-        options.listeners.append(self._queue.put)
+        self._events: list[Event] = []
+        self._done = False
+        self._changed = threading.Condition()
+        options.listeners.append(self._add)
         self._result: RunResult | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._go, args=(options,), daemon=True)
         self._thread.start()
+
+    def _add(self, event: Event) -> None:
+        with self._changed:
+            self._events.append(event)
+            self._changed.notify_all()
 
     def _go(self, options: RunOptions) -> None:
         try:
@@ -133,14 +145,22 @@ class RunHandle:
         except BaseException as exc:  # handed to the caller in result()
             self._error = exc
         finally:
-            self._queue.put(None)
+            with self._changed:
+                self._done = True
+                self._changed.notify_all()
 
     def events(self) -> Iterator[Event]:
+        seen = 0
         while True:
-            item = self._queue.get()
-            if item is None:
+            with self._changed:
+                while seen >= len(self._events) and not self._done:
+                    self._changed.wait()
+                batch = self._events[seen:]
+                done = self._done
+            yield from batch
+            seen += len(batch)
+            if done and seen >= len(self._events):
                 return
-            yield item
 
     def result(self, timeout: float | None = None) -> RunResult:
         self._thread.join(timeout)

@@ -75,9 +75,16 @@ class ChainCheck:
             return (self.lines + 1, "truncated line at the end of the log")
         if report is not None and (report.get("events") != self.seq
                                    or report.get("last_hash") != self.prev):
-            return (self.lines + 1, f"the log ends at event {self.seq} but report.json "
-                                    f"recorded {report.get('events')} events (lines removed "
-                                    f"from the end)")
+            recorded = report.get("events")
+            last = max(self.lines, 1)
+            if recorded == self.seq:
+                return (last, "line edited (its hash no longer matches the one report.json "
+                              "recorded for the last event)")
+            if isinstance(recorded, int) and recorded > self.seq:
+                return (last, f"the log ends at event {self.seq} but report.json recorded "
+                              f"{recorded} events (lines removed after this one)")
+            return (last, f"the log goes on to event {self.seq} but report.json recorded "
+                          f"{recorded} events (lines added at the end, or the report changed)")
         return None
 
     def _broken(self, n: int, message: str) -> bool:

@@ -109,6 +109,7 @@ class Run:
                                           options.protected_sockets)
         self.dir = base / self.run_id
         self.dir.mkdir(parents=True, exist_ok=False, mode=0o700)
+        self._dir_lost = False
         self.log = EventLog(self.dir / "events.jsonl", self.run_id,
                             max_bytes=self.policy.resources.log_bytes, on_full=self._log_full)
         for listener in options.listeners:
@@ -328,6 +329,9 @@ class Run:
             # The agent's own ending does not hide that a cap cut its workspace short.
             exit_code, status, reason = ExitCode.BUDGET_EXCEEDED, "budget_exceeded", "disk"
 
+        if self._keep_dir():
+            lost = "the run directory was removed during the run: its event log went with it"
+            error = f"{error}; {lost}" if error else lost
         result = RunResult(
             run_id=self.run_id,
             run_dir=self.dir,
@@ -358,6 +362,14 @@ class Run:
         self.log.close()
         write_report(result)
         return result
+
+    def _keep_dir(self) -> bool:
+        """Make the run's directory again if something removed it mid-run, so that the
+        patch and the report still land; True once that has happened."""
+        if not self.dir.is_dir():
+            self._dir_lost = True
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return self._dir_lost
 
     # -- the workspace copy's caps --------------------------------------------------------
 
@@ -396,6 +408,7 @@ class Run:
             self.log.emit("workspace.patch_failed", "host", error=str(exc)[:300])
             return "", None
         if result.text:
+            self._keep_dir()
             path = self.dir / "changes.patch"
             path.write_text(result.text, errors="surrogateescape")
             self.log.emit("workspace.patch", "host", bytes=len(result.text), files=result.files,
