@@ -81,8 +81,10 @@ class ChainCheck:
                 return (last, "line edited (its hash no longer matches the one report.json "
                               "recorded for the last event)")
             if isinstance(recorded, int) and recorded > self.seq:
-                return (last, f"the log ends at event {self.seq} but report.json recorded "
-                              f"{recorded} events (lines removed after this one)")
+                # The first line that is missing: the log ends before it.
+                return (self.lines + 1, f"the log ends at event {self.seq} but report.json "
+                                        f"recorded {recorded} events (lines removed from "
+                                        "here on)")
             return (last, f"the log goes on to event {self.seq} but report.json recorded "
                           f"{recorded} events (lines added at the end, or the report changed)")
         return None
