@@ -126,3 +126,18 @@ RUN rm -f /usr/bin/python3* /usr/local/bin/python3* \\
 def test_a_missing_local_image_is_not_pulled(airlock):
     r = airlock("run", "--image", "airlock-test/never-built:1", "--", "true")
     assert r.code == 3 and "never pulls" in r.stderr, r.stderr
+
+
+def test_a_debian_image_without_python_gets_it_from_the_host_mirror(airlock, tmp_path):
+    """python3 is the shim's runtime: Airlock installs it, with no network in the build."""
+    (tmp_path / "Dockerfile").write_text(f"""\
+FROM {image_tag("base")}
+USER root
+RUN dpkg --purge --force-depends python3 python3.11 python3-minimal python3.11-minimal \\
+      libpython3.11-minimal libpython3.11-stdlib libpython3-stdlib media-types >/dev/null \\
+ && ! command -v python3
+""")
+    r = airlock("run", "--quiet", "--image", str(tmp_path / "Dockerfile"), "--",
+                "sh", "-c", "python3 --version; id -u")
+    assert r.code == 0, (r.stdout, r.stderr)
+    assert r.stdout.split() == ["Python", "3.11.2", "1000"], r.stdout

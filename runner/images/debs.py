@@ -23,10 +23,16 @@ from runner.images.aptfetch import fetch_debs
 Progress = Callable[[str], None]
 # dpkg wants to write its log and lock; a package's maintainer scripts may want /tmp.
 _INSTALL = (
-    "set -e; export DEBIAN_FRONTEND=noninteractive; "
-    "dpkg --force-confold -i /tmp/airlock-debs/*.deb >/tmp/dpkg.log 2>&1 "
-    "|| {{ tail -n 30 /tmp/dpkg.log; exit 1; }}; "
-    "rm -rf /usr/share/doc/* /usr/share/man/* /usr/share/info/* /var/cache/apt/*.bin /tmp/dpkg.log; "
+    "set -e; export DEBIAN_FRONTEND=noninteractive; ok=; "
+    # dpkg -i takes a set in name order, so a pre-dependency later in the alphabet
+    # (python3 -> python3-minimal -> python3.11-minimal) fails the first pass; each pass
+    # installs what it can, and the set is complete, so a few passes end it.
+    "for pass in 1 2 3 4; do "
+    "if dpkg --force-confold --skip-same-version -i /tmp/airlock-debs/*.deb "
+    ">>/tmp/dpkg.log 2>&1; then ok=1; break; fi; done; "
+    "[ -n \"$ok\" ] || {{ tail -n 30 /tmp/dpkg.log; exit 1; }}; "
+    "rm -rf /usr/share/doc/* /usr/share/man/* /usr/share/info/* /var/cache/apt/*.bin "
+    "/tmp/dpkg.log; "
     "{check}"
 )
 
