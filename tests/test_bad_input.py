@@ -190,3 +190,41 @@ def test_runs_list_with_no_runs_says_so(tmp_path: Path):
     assert "no runs" in proc.stderr and proc.stdout == ""
 
 
+
+
+LATER = [
+    ("missing-key", "provider:\n  backend: anthropic\n  api_key_env: AIRLOCK_TEST_NO_SUCH_KEY\n",
+     [], 3, "provider key is missing"),
+    ("unknown-image", None, ["--image", "airlock-test-no-such-image"], 3, "no local image"),
+    ("cpus-above-host", "resources:\n  cpus: 256\n", [], 3, "the engine refused the sandbox"),
+]
+
+
+@pytest.mark.parametrize(("name", "policy", "args", "code", "expect"), LATER,
+                         ids=[c[0] for c in LATER])
+def test_refused_after_the_run_began_says_why_and_keeps_its_record(
+        name, policy, args, code, expect, served: serve_tests.Served, tmp_path: Path):
+    extra = list(args)
+    if policy is not None:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(policy)
+        extra = ["-p", str(path), *extra]
+    env = {k: v for k, v in served.client_env().items() if k != "AIRLOCK_TEST_NO_SUCH_KEY"}
+    errors = {}
+    for how, extra_env in (("server", {}), ("in-process", {"AIRLOCK_NO_SERVE": "1"})):
+        for flags in (["-q"], ["--json"]):
+            before = set(os.listdir(served.runs))
+            proc = subprocess.run([*AIRLOCK, "run", *flags, *extra, "--", "true"],
+                                  capture_output=True, text=True, env={**env, **extra_env},
+                                  cwd=ROOT, timeout=120)
+            assert proc.returncode == code, (how, flags, proc.stderr)
+            line = _one_line(proc.stderr)
+            assert expect in line
+            if flags == ["--json"]:
+                last = json.loads(proc.stdout.splitlines()[-1])
+                assert last["type"] == "airlock.error" and f"airlock: {last['error']}" == line
+            (new,) = set(os.listdir(served.runs)) - before  # the record of the refusal
+            report = json.loads((served.runs / new / "report.json").read_text())
+            assert report["exit_code"] == code and expect in report["error"]
+            errors[(how, tuple(flags))] = line
+    assert len(set(errors.values())) == 1, errors
