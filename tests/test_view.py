@@ -654,3 +654,45 @@ def test_in_a_service_the_page_asks_for_the_key(page: Any, tenant_root: Path,
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+def test_the_service_serves_the_viewer_with_its_own_keys(page: Any, tmp_path: Path) -> None:
+    """`airlock serve --config` for real: a tenant sees its own runs' pages (the same 404
+    rule as the API), the operator everyone's, and the browser asks for the key."""
+    from runner.testing.service import ServiceProcess
+
+    with ServiceProcess(tmp_path / "svc", capacity=2, tenants={
+            "acme": {"floor": "default"}, "globex": {"floor": "default"}}) as svc:
+        ids = {}
+        for tenant in ("acme", "globex"):
+            with svc.client(tenant) as c:
+                r = c.post("/v1/runs", json={"agent": "command",
+                                             "command": ["sh", "-c", f"echo from {tenant}"]})
+                assert r.status_code == 201, r.text
+                ids[tenant] = r.json()["id"]
+                assert svc.wait(c, ids[tenant])["status"] == "succeeded"
+        with svc.client() as anon:
+            assert anon.get("/view/api/runs").status_code == 401
+            assert anon.get("/view", follow_redirects=False).headers["location"] == "/view/"
+            shell = anon.get("/view/")
+            assert shell.status_code == 200 and ids["acme"] not in shell.text
+        with svc.client("acme") as acme:
+            assert [r["id"] for r in acme.get("/view/api/runs").json()["runs"]] == [ids["acme"]]
+            mine = acme.get(f"/view/api/runs/{ids['acme']}").json()
+            assert mine["verification"]["state"] == "intact"
+            for path in (f"/view/api/runs/{ids['globex']}", f"/view/api/runs/{ids['globex']}/events?page=0"):
+                theirs, missing = acme.get(path), acme.get(path.replace(ids["globex"], "20990101-000000-x"))
+                assert theirs.status_code == missing.status_code == 404
+                assert theirs.json() == missing.json()
+        with svc.client(key=svc.operator_key) as op:
+            assert sorted(r["id"] for r in op.get("/view/api/runs").json()["runs"]) == \
+                sorted(ids.values())
+        page.goto(f"{svc.url}/view/")
+        page.wait_for_selector("#key")
+        page.fill("#key", svc.keys["globex"])
+        page.press("#key", "Enter")
+        page.wait_for_selector(".run-row")
+        assert [r.get_attribute("data-run") for r in page.locator(".run-row").all()] == \
+            [ids["globex"]]
+        _open_run(page, {"url": f"{svc.url}/view/"}, ids["globex"])
+        assert "from globex" in page.inner_text("#events")

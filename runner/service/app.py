@@ -18,7 +18,13 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -44,6 +50,7 @@ from runner.service.schemas import (
 )
 from runner.service.store import Quota as StoreQuota
 from runner.service.store import QuotaExceeded, RunRecord, Store, StoreError, new_run_id
+from runner.view import tenant_runs_for, view_app
 
 log = logging.getLogger("airlock.service")
 
@@ -399,6 +406,20 @@ def create_app(state: ServiceState) -> Any:
         return Hosts(hosts=[HostInfo(host_id=h.host_id, address=h.address, alive=h.alive,
                                      heartbeat_at=h.heartbeat_at, expires_at=h.expires_at)
                             for h in store.hosts()])
+
+    # The run viewer's pages (runner/view) under /view/: the same keys and the same 404
+    # rule as this API (a tenant sees its own runs, the operator all of them). The page
+    # itself holds no run data; it asks for the key and sends it with each of its calls.
+    operator_digests = ({"operator": config.operator_key_sha256}
+                        if config.operator_key_sha256 else {})
+
+    @app.get("/view", include_in_schema=False)
+    def view_slash() -> Response:
+        return RedirectResponse("/view/", status_code=308)
+
+    app.mount("/view", view_app(tenant_runs_for(
+        config.runs_dir, lambda key: match_key(key, state.tenant_keys),
+        lambda key: match_key(key, operator_digests) is not None)))
 
     wrapped = BodyLimit(app)
     wrapped.fastapi = app  # type: ignore[attr-defined]
