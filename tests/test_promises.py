@@ -174,3 +174,17 @@ def test_a_run_whose_directory_is_removed_mid_run_ends_cleanly(engine, runs_dir,
     assert "the run directory was removed during the run" in err
     report = json.loads((run_dir / "report.json").read_text())
     assert "removed during the run" in report["error"]
+
+
+@pytest.mark.parametrize("command", [["run"], ["events"], ["doctor"], ["conformance"],
+                                     ["images", "build"], ["policy", "check"], ["runs", "list"],
+                                     ["serve"], ["gc"]], ids=" ".join)
+def test_help_shows_flags_and_names_not_python_types(command):
+    proc = subprocess.run([*AIRLOCK, *command, "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "<bool>" not in proc.stdout and "<list" not in proc.stdout, proc.stdout
+    if command == ["events"]:
+        assert "{RUN|verify} [RUN]" in proc.stdout and "Keep printing events" in proc.stdout
+    if command == ["doctor"]:
+        assert "provider section is checked" in proc.stdout
