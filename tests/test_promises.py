@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -188,3 +189,33 @@ def test_help_shows_flags_and_names_not_python_types(command):
         assert "{RUN|verify} [RUN]" in proc.stdout and "Keep printing events" in proc.stdout
     if command == ["doctor"]:
         assert "provider section is checked" in proc.stdout
+
+
+def test_readme_cli_examples_run_as_written(engine, tmp_path):
+    """The README's first command block, line by line, from a directory of its own (make
+    check is tests/test_toolchain.py's; view serves until stopped; gc touches the shared
+    engine)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("Then, with the virtual environment's", 1)[1].split("```sh", 1)[1]
+    block = block.split("```", 1)[0]
+    (tmp_path / "my-policy.yaml").write_text("extends: strict\nresources:\n  memory: 256m\n")
+    expected = {"run -- sh": 1, "policy check": 0, "policy compile": 0, "doctor": 0,
+                "runs list": 0}
+    env = {**os.environ, "AIRLOCK_RUNS_DIR": str(tmp_path / "runs"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    ran = []
+    for line in block.strip().splitlines():
+        cmd = line.split("  #", 1)[0].strip()
+        key = next((k for k in expected if cmd.startswith(f"airlock {k}")), None)
+        if key is None:
+            continue
+        proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=300)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert proc.returncode == expected[key], (cmd, proc.stdout[-2000:], proc.stderr[-2000:])
+        ran.append(key)
+        if key == "run -- sh":
+            assert "uid=1000" in proc.stdout and "Read-only file system" in proc.stderr
+        if key == "runs list":  # then events latest and events verify latest
+            assert "ok: the chain is intact" in proc.stdout
+    assert ran == list(expected)
