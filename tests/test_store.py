@@ -289,3 +289,23 @@ def test_postgresql_without_its_driver_says_what_to_install() -> None:
             "except StoreError as exc:\n    print(exc)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "airlock[postgres]" in out.stdout and "psycopg" in out.stdout, out.stderr
+
+
+def test_a_killed_sessions_postgresql_is_stopped_by_the_next() -> None:
+    from runner.testing.postgres import _postmaster, collect_stale
+
+    code = ("from runner.testing.postgres import PostgresServer\n"
+            "s = PostgresServer().start(); print(s.root, flush=True)\n"
+            "import time; time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        root = Path(proc.stdout.readline().strip())
+        pid = _postmaster(root)
+        assert pid is not None
+        assert root not in collect_stale()  # its session is alive: left alone
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert _postmaster(root) == pid  # a killed session leaves its server running...
+    assert root in collect_stale()  # ...until the next session looks
+    assert not root.exists() and _postmaster(root) is None

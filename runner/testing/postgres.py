@@ -28,14 +28,57 @@ def find_bindir() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
+PREFIX = "airlock-pg-"
+OWNER = "owner"
+
+
+def _postmaster(root: Path) -> int | None:
+    """The pid of the server running on `root`'s cluster, if that is what runs there."""
+    try:
+        pid = int((root / "data" / "postmaster.pid").read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if str(root / "data").encode() in cmdline else None
+
+
+def collect_stale() -> list[Path]:
+    """Servers of test sessions that were killed before they could stop theirs: stopped
+    and removed, so that a killed session costs one server until the next one starts."""
+    from runner.run.owner import owner_alive
+
+    removed = []
+    for root in Path(tempfile.gettempdir()).glob(PREFIX + "*"):
+        try:
+            owner = (root / OWNER).read_text().strip()
+        except OSError:
+            continue  # being set up, or not ours
+        if owner_alive(owner):
+            continue
+        pid = _postmaster(root)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGQUIT)  # immediate shutdown: its data is throwaway
+            deadline = time.monotonic() + 10
+            while _postmaster(root) == pid and time.monotonic() < deadline:
+                time.sleep(0.1)
+        shutil.rmtree(root, ignore_errors=True)
+        removed.append(root)
+    return removed
+
+
 class PostgresServer:
     def __init__(self, bindir: Path | None = None) -> None:
+        from runner.run.owner import owner_label
+
         bindir = bindir or find_bindir()
         if bindir is None:
             raise RuntimeError("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/"
                                "postgres): run scripts/ensure-test-tools.sh as root")
         self.bindir = bindir
-        self.root = Path(tempfile.mkdtemp(prefix="airlock-pg-"))
+        collect_stale()
+        self.root = Path(tempfile.mkdtemp(prefix=PREFIX))
+        (self.root / OWNER).write_text(owner_label())
         self.data = self.root / "data"
         self.socket_dir = self.root / "sock"
         self._proc: subprocess.Popen[bytes] | None = None
