@@ -38,9 +38,48 @@ class Budgets:
         self.tripped: BudgetExceeded | None = None
         self._lock = threading.Lock()
 
+        # Held by requests in flight (tokens): counted against the limit before they
+        # are charged, so concurrent requests cannot together overrun it.
+        self.reserved: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+
     def remaining(self, counter: str) -> int | None:
         limit = self.limits.get(counter)
-        return None if limit is None else max(0, limit - self.used.get(counter, 0))
+        return None if limit is None else max(
+            0, limit - self.used.get(counter, 0) - self.reserved.get(counter, 0))
+
+    def reserve(self, counter: str, amount: int) -> bool:
+        """Hold `amount` of what is left; False (nothing held) when it does not fit."""
+        limit = self.limits.get(counter)
+        with self._lock:
+            if self.tripped is not None:
+                return False
+            if limit is not None and (self.used.get(counter, 0) + self.reserved[counter]
+                                      + amount > limit):
+                return False
+            self.reserved[counter] += amount
+            return True
+
+    def settle(self, counter: str, reserved: int, amount: int, source: Source = "host") -> bool:
+        """Give back a reservation and charge what was really spent."""
+        with self._lock:
+            self.reserved[counter] = max(0, self.reserved[counter] - reserved)
+        return self.charge(counter, amount, source) if amount else self.tripped is None
+
+    def refuse(self, counter: str, amount: int, source: Source = "host") -> None:
+        """A request that needed `amount` and did not fit: trips the budget (once)."""
+        trip = None
+        with self._lock:
+            limit = self.limits.get(counter)
+            if self.tripped is None and limit is not None:
+                trip = self.tripped = BudgetExceeded(
+                    counter, self.used.get(counter, 0) + self.reserved[counter] + amount,
+                    limit)
+        if trip is not None:
+            if self.sink is not None:
+                self.sink.emit("budget.exceeded", source, counter=counter, used=self.used[counter],
+                               reserved=self.reserved[counter], needed=amount, limit=trip.limit)
+            if self.on_exceeded is not None:
+                self.on_exceeded(trip)
 
     def would_exceed(self, counter: str, amount: int = 1) -> bool:
         limit = self.limits.get(counter)

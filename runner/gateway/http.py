@@ -30,6 +30,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
+from typing import Protocol
 
 import httptools
 
@@ -41,6 +42,11 @@ FLUSH_NOW = 64 * 1024  # queued bytes past this are written at once, then draine
 MAX_BODY = 64 * 1024 * 1024  # requests carry whole conversations and images, not more
 MAX_HEAD = 64 * 1024  # request line and headers (and, apart, a chunked body's trailers)
 MAX_CONNECTIONS = 256  # from one sandbox at once; more are closed as they come
+HEAD_TIMEOUT = 30.0  # seconds for a request's head, once its first byte came
+BODY_TIMEOUT = 60.0  # seconds for its whole body, once the head came
+# Held per body byte: the buffer it arrives in (which over-allocates as it grows) and
+# the copy handed to the handler.
+BODY_COST = 2
 IDLE_TIMEOUT = 900.0  # seconds a connection may wait between requests (agents think)
 SWEEP_EVERY = 60.0  # how often idle connections are looked for (no timer per request)
 
@@ -58,6 +64,9 @@ class Request:
     headers: list[tuple[str, str]]  # names lower-cased, in order
 
     body: bytes = b""
+    # Reserve more of the run's memory budget for this request (what the handler
+    # builds from the body); False when it does not fit. Released when the exchange ends.
+    hold: Callable[[int], bool] = field(default=lambda n: True, repr=False)
 
     @property
     def path(self) -> str:
@@ -87,12 +96,38 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+# (status, reason, detail): a request or connection the server itself refused.
+OnRefused = Callable[[int, str, str], None]
+
+
+class Memory(Protocol):
+    def reserve(self, n: int) -> bool: ...
+
+    def release(self, n: int) -> None: ...
+
+
+class _NoLimit:
+    def reserve(self, n: int) -> bool:
+        return True
+
+    def release(self, n: int) -> None:
+        pass
 
 
 class HttpServer:
-    def __init__(self, handler: Handler, *, max_body: int = MAX_BODY) -> None:
+    def __init__(self, handler: Handler, *, max_body: int = MAX_BODY,
+                 max_connections: int = MAX_CONNECTIONS, head_timeout: float = HEAD_TIMEOUT,
+                 body_timeout: float = BODY_TIMEOUT, memory: Memory | None = None,
+                 on_refused: OnRefused | None = None) -> None:
         self.handler = handler
         self.max_body = max_body
+        self.max_connections = max_connections
+        self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
+        # Shared by every connection (and, through it, with the run's other services):
+        # what one connection holds is taken from what the others may hold.
+        self.memory: Memory = memory or _NoLimit()
+        self.on_refused = on_refused
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self._open: set[_Connection] = set()
@@ -155,9 +190,16 @@ class HttpServer:
         # half_close: a client that ends its side after the request still gets the answer
         return StreamProtocol(on_connect=self._on_connect, half_close=True)
 
+    def refused(self, status: int, reason: str, detail: str) -> None:
+        if self.on_refused is not None:
+            with contextlib.suppress(Exception):  # recording must not break serving
+                self.on_refused(status, reason, detail)
+
     def _on_connect(self, proto: StreamProtocol) -> None:
-        if len(self._conns) >= MAX_CONNECTIONS:
+        if len(self._conns) >= self.max_connections:
             proto.close()  # each connection costs a descriptor and up to a body's memory
+            self.refused(503, "connections", f"more than {self.max_connections} "
+                         "concurrent connections; this one was closed")
             return
         task = asyncio.get_running_loop().create_task(self._serve(proto))
         self._conns.add(task)
@@ -177,6 +219,7 @@ class HttpServer:
             pass  # connection only (unterminated, so the client sees it); it was recorded
         finally:
             self._open.discard(conn)
+            conn.release()
             proto.close()
 
 
@@ -211,18 +254,36 @@ class _Connection:
         self._out: list[bytes] = []
         self._out_size = 0
         self._flush_scheduled = False
+        self._begun = 0.0  # when the current request's first byte came
+        self._headed = 0.0  # when its head was complete
+        self.held = 0  # bytes of the run's memory budget this connection holds
+
+    def _hold(self, n: int) -> bool:
+        if not self.server.memory.reserve(n):
+            return False
+        self.held += n
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            self.server.memory.release(self.held)
+            self.held = 0
 
     # -- llhttp's callbacks, from inside feed_data --------------------------------------
 
-    def _fail(self, status: int, message: bytes) -> None:
+    def _fail(self, status: int, reason: str, message: bytes) -> None:
         if self._error is None:
             self._error = (status, message)
+            if self._current is not None:
+                self._current.body = bytearray()  # nothing of it is kept
+            self.server.refused(status, reason, message.decode().strip())
 
     def on_message_begin(self) -> None:
         self._current = _Parsed()
         self._head_done = False
         self._head_size = 0
         self._msg_size = 0
+        self._begun = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
         if self._current is not None:
@@ -236,17 +297,18 @@ class _Connection:
         if self._head_done:
             # A trailer (after a chunked body): counted, never kept or forwarded.
             if self._head_size > 2 * MAX_HEAD:
-                self._fail(431, b"request trailers too large\n")
+                self._fail(431, "head_too_large", b"request trailers too large\n")
             return
         self._current.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
         if self._head_size > MAX_HEAD:
-            self._fail(431, b"request head too large\n")
+            self._fail(431, "head_too_large", b"request head too large\n")
 
     def on_headers_complete(self) -> None:
         cur = self._current
         if cur is None:
             return
         self._head_done = True
+        self._headed = time.monotonic()
         cur.method = self.parser.get_method().decode("ascii", "replace")
         cur.version = self.parser.get_http_version()
         length = expect = None
@@ -257,7 +319,9 @@ class _Connection:
                 expect = v
         if length is not None and length.strip().isdigit() and \
                 int(length) > self.server.max_body:
-            self._fail(413, b"request body too large\n")  # before the client sends it
+            # before the client sends it
+            self._fail(413, "body_too_large", b"request body larger than %d bytes\n"
+                       % self.server.max_body)
         if (expect is not None and expect.strip().lower() == "100-continue"
                 and self._error is None and cur.version == "1.1" and not self._done
                 and not self._responding):
@@ -269,10 +333,14 @@ class _Connection:
         cur = self._current
         if cur is None or self._error is not None:
             return
-        cur.body += body
-        if len(cur.body) > self.server.max_body:
-            cur.body.clear()
-            self._fail(413, b"request body too large\n")
+        if len(cur.body) + len(body) > self.server.max_body:
+            self._fail(413, "body_too_large", b"request body larger than %d bytes\n"
+                       % self.server.max_body)
+        elif not self._hold(BODY_COST * len(body)):
+            self._fail(503, "memory", b"the run's gateway is holding as much request data "
+                       b"as its memory limit allows; try again when requests finish\n")
+        else:
+            cur.body += body
 
     def on_message_complete(self) -> None:
         cur, self._current = self._current, None
@@ -292,9 +360,24 @@ class _Connection:
                 return None
             if self._upgraded:
                 return None
+            timeout = None
             if self._current is None:
                 self.idle_since = time.monotonic()  # between requests: see _sweep
-            data = await self.proto.read(READ_SIZE)
+            elif not self._head_done:
+                timeout = self._begun + self.server.head_timeout - time.monotonic()
+            else:
+                timeout = self._headed + self.server.body_timeout - time.monotonic()
+            try:
+                if timeout is not None and timeout <= 0:
+                    raise TimeoutError
+                data = await self.proto.read(READ_SIZE, timeout)
+            except TimeoutError:
+                # A stalled, incomplete request: dropped, and what it held given back.
+                what = "head" if not self._head_done else "body"
+                limit = self.server.head_timeout if what == "head" else self.server.body_timeout
+                self._fail(408, f"{what}_timeout", b"request %s incomplete after %gs\n"
+                           % (what.encode(), limit))
+                continue
             self.idle_since = None
             if not data:
                 return None  # the client's end of stream, between requests or within one
@@ -305,7 +388,7 @@ class _Connection:
                 # ordinary one (no protocol switch), and then the connection ends.
                 self._upgraded = True
             except httptools.HttpParserError:
-                self._fail(400, b"bad request\n")
+                self._fail(400, "bad_request", b"bad request\n")
             if self._current is not None:
                 # Raw bytes of the request still being read, whatever llhttp holds back
                 # (a head, a trailer or a chunk-size line that never ends): capped.
@@ -313,9 +396,10 @@ class _Connection:
                 self._msg_size += len(data)
                 overhead = self._msg_size - len(self._current.body)
                 if not self._head_done and overhead > 2 * MAX_HEAD:
-                    self._fail(431, b"request head too large\n")
+                    self._fail(431, "head_too_large", b"request head too large\n")
                 elif overhead > 4 * MAX_HEAD:
-                    self._fail(431, b"request framing or trailers too large\n")
+                    self._fail(431, "head_too_large",
+                               b"request framing or trailers too large\n")
 
     async def run(self) -> None:
         while True:
@@ -324,12 +408,23 @@ class _Connection:
                 return
             request = Request(method=parsed.method,
                               target=parsed.url.decode("ascii", "replace"),
-                              headers=parsed.headers, body=bytes(parsed.body))
+                              headers=parsed.headers, body=bytes(parsed.body), hold=self._hold)
+            # The arrival buffer is gone once copied: what the request holds is the copy.
+            given_back = min(self.held, (BODY_COST - 1) * len(parsed.body))
+            parsed.body = bytearray()
+            self.held -= given_back
+            self.server.memory.release(given_back)
             self._responding = True
-            response = await self.server.handler(request)
-            # After a parse error or an upgrade nothing more is read from this stream.
-            keep_alive = parsed.keep_alive and self._error is None and not self._upgraded
-            await self._respond(response, parsed, keep_alive)
+            try:
+                response = await self.server.handler(request)
+                # After a parse error or an upgrade nothing more is read from this stream.
+                keep_alive = parsed.keep_alive and self._error is None and not self._upgraded
+                await self._respond(response, parsed, keep_alive)
+            finally:
+                del request
+                if not self._done:
+                    # Requests pipelined behind this one hold their bodies until served.
+                    self.release()
             self._responding = False
             if not keep_alive:
                 return

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner.events.limits import HostLimits
 from runner.events.log import EventSink
 from runner.gateway.egress_addr import (
     IPAddress,
@@ -184,7 +185,7 @@ class EgressProxy:
 
     def __init__(self, network: NetworkPolicy, socket_path: Path, sink: EventSink, *,
                  resolver: Resolver | None = None, connector: Connector | None = None,
-                 limits: ProxyLimits | None = None) -> None:
+                 limits: ProxyLimits | None = None, host: HostLimits | None = None) -> None:
         if network.mode != "proxy":
             raise ValueError(f"the egress proxy runs only in network mode proxy ({network.mode})")
         # Parse the policy up front: a bad entry must stop the run, not open nothing
@@ -192,7 +193,14 @@ class EgressProxy:
         self.rules = parse_rules(network.allow)
         self.allow_private = parse_cidrs(network.allow_private)
         self.socket_path = Path(socket_path)
-        self.limits = limits or ProxyLimits()
+        # The policy's per-run limits, unless a caller gives the proxy's own (tests).
+        run_limits = network.limits
+        self.limits = limits or ProxyLimits(max_tunnels=run_limits.connections,
+                                            head_timeout=run_limits.head_timeout)
+        # Refusals are counted with the run's other services, and logged only up to a cap.
+        self._host = host or HostLimits(memory=run_limits.memory,
+                                        refusals=run_limits.refusals,
+                                        refusal_events=run_limits.refusal_events, sink=sink)
         self._sink = sink
         self._resolver: Resolver = resolver or system_resolver
         self._connector: Connector = connector or connect_address
@@ -222,6 +230,9 @@ class EgressProxy:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(self.socket_path.lstat().st_mode):
                 self.socket_path.unlink()
+        summary = self._host.summary("proxy")
+        if summary is not None:
+            self._emit("proxy.refused_summary", **summary)
 
     async def __aenter__(self) -> EgressProxy:
         await self.start()
@@ -267,8 +278,9 @@ class EgressProxy:
         event, respond, fields = "proxy.refused", True, {}
         if isinstance(exc, Refusal):
             event, respond, fields = exc.event, exc.respond, exc.fields
-        self._emit(event, **ctx, status=exc.status, reason=exc.reason, detail=exc.detail,
-                   **fields)
+        if event != "proxy.refused" or self._host.refusal("proxy", exc.reason):
+            self._emit(event, **ctx, status=exc.status, reason=exc.reason,
+                       detail=_clip(exc.detail, 400), **fields)
         if respond:
             with contextlib.suppress(ConnectionError, TimeoutError):
                 writer.write(error_response(exc.status, exc.reason, exc.detail))

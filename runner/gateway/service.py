@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from runner.events.budgets import Budgets
+from runner.events.limits import HostLimits
 from runner.events.log import EventSink, Source
 from runner.gateway import backends
 from runner.gateway.backends import BACKENDS, BackendSpec, Family, Route
@@ -37,8 +38,8 @@ from runner.gateway.record import (
 )
 from runner.gateway.tools import check_tools
 from runner.gateway.upstream import STREAM_ERRORS, UpstreamClient, UpstreamError, error_kind
-from runner.gateway.usage import UsageMeter
-from runner.policy.models import ProviderPolicy
+from runner.gateway.usage import Usage, UsageMeter
+from runner.policy.models import BudgetsPolicy, ProviderPolicy, ServiceLimits
 
 SOURCE: Source = "gateway"
 JSON = [("content-type", "application/json")]
@@ -47,6 +48,28 @@ NO_RETRY = [("x-should-retry", "false")]
 GENERATION_KINDS = frozenset({"messages", "responses", "chat", "generate", "ollama_chat"})
 LIST_CAP = 8 * 1024 * 1024
 HEALTH_PATH = "/airlock/health"
+# The memory a parsed body is reckoned to take (measured, docs/security.md): per body
+# byte, the parsed strings plus the copy re-encoded for the upstream; per JSON value,
+# its object (a dict of one key is ~180 bytes, split over its `{` and `,`).
+PARSE_BYTES = 2
+PARSE_NODE = 128
+DEFAULT_RESERVE = BudgetsPolicy.model_fields["reserve_output_tokens"].default
+
+
+# Where each API names a request's output cap; ("kind", "") is the default for a kind.
+_OUTPUT_CAP = {
+    ("messages", ""): "max_tokens",
+    ("responses", ""): "max_output_tokens",
+    ("chat", ""): "max_tokens",
+    ("chat", "openai"): "max_completion_tokens",  # reasoning models refuse max_tokens
+    ("generate", ""): "num_predict",
+    ("ollama_chat", ""): "num_predict",
+}
+
+
+def clip(text: str, n: int = 200) -> str:
+    """Agent-chosen text as events and answers carry it: bounded."""
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} chars)"
 
 
 class _Refused(Exception):
@@ -71,6 +94,8 @@ class _Call:
     bytes_out: int = 0
     error: str | None = None
     settled: bool = False
+    reserved: int = 0  # tokens held for this request until it is settled
+    token_settled: bool = False
 
 
 class ProviderGateway:
@@ -83,8 +108,16 @@ class ProviderGateway:
         *,
         record_path: Path | None = None,
         environ: Mapping[str, str] = os.environ,
+        limits: ServiceLimits | None = None,
+        host: HostLimits | None = None,
+        reserve_output_tokens: int = DEFAULT_RESERVE,
     ) -> None:
         self.provider = provider
+        self.limits = limits = limits or ServiceLimits()
+        # Outside a run (the provider doctor, tests) the gateway still has its own budget.
+        self.host = host or HostLimits(memory=limits.memory, refusals=limits.refusals,
+                                       refusal_events=limits.refusal_events, sink=sink)
+        self.reserve_output_tokens = reserve_output_tokens
         self.socket_path = Path(socket_path)
         self.sink = sink
         self.budgets = budgets
@@ -100,7 +133,10 @@ class ProviderGateway:
         self._credential: Credential = Credential()
         self._client: UpstreamClient | None = None
         self._recorder: Recorder | None = None
-        self._server = HttpServer(self._handle)
+        self._server = HttpServer(
+            self._handle, max_body=limits.request_body, max_connections=limits.connections,
+            head_timeout=limits.head_timeout, body_timeout=limits.body_timeout,
+            memory=self.host, on_refused=self._server_refused)
         self._base_url = provider.base_url or self.spec.default_base_url
         self._seq = 0
         self.counts = {"requests": 0, "refused": 0}
@@ -149,8 +185,11 @@ class ProviderGateway:
     async def aclose(self) -> None:
         await self._server.aclose()
         await self._close_resources()
+        summary = self.host.summary(SOURCE)
+        if summary is not None:
+            self.sink.emit("provider.refused_summary", SOURCE, **summary)
         self.sink.emit("provider.gateway_stopped", SOURCE, backend=self.provider.backend,
-                       **self.counts)
+                       memory_peak=self.host.peak, **self.counts)
 
     async def _close_resources(self) -> None:
         if self._client is not None:
@@ -177,6 +216,7 @@ class ProviderGateway:
         except Exception as exc:  # a bug must answer, not hang the agent
             call.error = redact_text(f"{type(exc).__name__}: {exc}", self._secrets())
             self._emit_request(call, 500, None, None)
+            self._settle_tokens(call, 500, None)
             if call.route is not None:
                 family = call.route.family
             return Response(500, JSON + NO_RETRY,
@@ -191,7 +231,7 @@ class ProviderGateway:
                                f"{req.method} {req.path} is not part of the "
                                f"{self.spec.name} API the policy allows")
             raise _Refused(403, "path_not_allowed",
-                           f"{req.path} is not part of the {self.spec.name} API the "
+                           f"{clip(req.path, 120)} is not part of the {self.spec.name} API the "
                            "policy allows")
         call.route = route
         query, bad = backends.filter_query(route, req.query)
@@ -200,14 +240,9 @@ class ProviderGateway:
                            f"query parameter(s) {', '.join(bad)} not allowed on {req.path}")
         body: dict[str, Any] | None = None
         if req.method == "POST":
-            try:
-                parsed = json.loads(req.body)
-            except ValueError:
-                parsed = None
-            if not isinstance(parsed, dict):
-                raise _Refused(400, "bad_request", "the request body is not a JSON object")
-            body = parsed
+            body = self._parse(req)
         self._check_model(req, route, body, call)
+        media = 0
         if body is not None:
             refusal = check_tools(route.kind, body, self.provider.hosted_tools,
                                   self.provider.tools)
@@ -219,6 +254,7 @@ class ProviderGateway:
             if content.refusal is not None:
                 raise _Refused(403, content.refusal.reason, content.refusal.detail,
                                where=content.refusal.where)
+            media = content.media_bytes
         call.stream = self._is_stream(route, body)
         # Last, so a request refused for policy costs no budget. A request past the
         # budget is charged anyway: that trips the budget and ends the run (exit 4).
@@ -228,8 +264,86 @@ class ProviderGateway:
             raise _Refused(429, "budget", "the run's provider request or token budget is "
                            "spent", counter=(self.budgets.tripped.counter
                                              if self.budgets.tripped else "requests"))
+        if body is not None and route.kind in GENERATION_KINDS:
+            self._reserve_tokens(route, body, len(req.body) - media, media, call)
         self.budgets.charge("requests", 1, source=SOURCE)
         return route, body, query
+
+    def _reserve_tokens(self, route: Route, body: dict[str, Any], text_bytes: int,
+                        media_bytes: int, call: _Call) -> None:
+        """Hold the most this request can cost before it goes upstream.
+
+        Its output cap (or, when it names none, `reserve_output_tokens`, which the
+        gateway then sets as its cap when the run has a token budget, so that the
+        reservation holds) plus an estimate of its input: 4 bytes of text a token, and
+        base64 media at 100 bytes a token (an image costs ~1.6k tokens whatever its
+        size). One that does not fit what is left is refused and trips the budget."""
+        field_name = _OUTPUT_CAP.get((route.kind, self.api_backend)) or _OUTPUT_CAP.get(
+            (route.kind, ""))
+        holder: dict[str, Any] = body
+        if route.kind in ("generate", "ollama_chat"):
+            options = body.get("options")
+            holder = options if isinstance(options, dict) else {}
+        cap = holder.get(field_name) if field_name else None
+        if field_name == "max_completion_tokens" and cap is None:
+            cap = body.get("max_tokens")  # the older spelling, still accepted
+        input_tokens = text_bytes // 4 + media_bytes // 100
+        budgeted = self.budgets.limits.get("tokens") is not None
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
+            cap = self.reserve_output_tokens
+            left = self.budgets.remaining("tokens")
+            if left is not None:
+                cap = max(min(cap, left - input_tokens), 1)
+            if budgeted and field_name and route.kind != "messages":
+                if route.kind in ("generate", "ollama_chat"):
+                    body["options"] = {**holder, field_name: cap}
+                else:
+                    body[field_name] = cap
+        needed = input_tokens + cap
+        if not self.budgets.reserve("tokens", needed):
+            self.budgets.refuse("tokens", needed, source=SOURCE)
+            raise _Refused(429, "budget", f"the request may cost {needed} tokens (output cap "
+                           f"{cap} + ~{input_tokens} input), more than the run's token "
+                           "budget has left", counter="tokens")
+        call.reserved = needed
+
+    def _settle_tokens(self, call: _Call, status: int, usage: Usage | None) -> None:
+        """Once per request: give back its reservation, charge what it cost. An answer
+        whose final usage never came (the agent hung up, the stream was cut, the
+        provider left it out) is charged its whole reservation."""
+        if call.token_settled or call.route is None or \
+                call.route.kind not in GENERATION_KINDS:
+            return
+        call.token_settled = True
+        spent = usage.total if usage is not None else 0
+        if 200 <= status < 300 and (usage is None or not usage.final):
+            spent = max(spent, call.reserved)
+        self.budgets.settle("tokens", call.reserved, spent, source=SOURCE)
+
+    def _parse(self, req: Request) -> dict[str, Any]:
+        """The body as JSON, once its parsing cost is known to fit the run's limits.
+
+        Parsed JSON takes many times its size in memory (an empty object, 2 bytes, is a
+        64-byte dict), so before parsing: at most `json_nodes` values (every `{`, `[` and
+        `,` counted, a bound whatever the strings hold), and room in the run's memory
+        budget for the parsed objects and the copy sent upstream."""
+        raw = req.body
+        nodes = raw.count(b"{") + raw.count(b"[") + raw.count(b",")
+        if nodes > self.limits.json_nodes:
+            raise _Refused(413, "json_too_large",
+                           f"the request body has up to {nodes} JSON values; the policy's "
+                           f"network.limits.json_nodes allows {self.limits.json_nodes}")
+        if not req.hold(PARSE_BYTES * len(raw) + PARSE_NODE * nodes):
+            raise _Refused(503, "memory", "the run's gateway is holding as much request "
+                           "data as network.limits.memory allows; retry when requests finish")
+        try:
+            parsed = json.loads(raw)
+        except (ValueError, RecursionError):
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise _Refused(400, "bad_request", "the request body is not a JSON object "
+                           "(or is nested too deeply)")
+        return parsed
 
     def _check_model(self, req: Request, route: Route, body: dict[str, Any] | None,
                      call: _Call) -> None:
@@ -247,7 +361,8 @@ class ProviderGateway:
         model = self._resolve(call.requested_model)
         if model is None:
             raise _Refused(403, "model_not_allowed",
-                           f"model {call.requested_model!r} is not in the policy's allowlist")
+                           f"model {clip(call.requested_model, 120)!r} is not in the policy's "
+                           "allowlist")
         call.model = model
         if body is not None:
             body["model"] = model  # the upstream always gets the full id
@@ -275,13 +390,27 @@ class ProviderGateway:
         return bool(body.get("stream", default))
 
     def _refuse(self, family: Family, call: _Call, r: _Refused) -> Response:
-        self.counts["refused"] += 1
-        self.sink.emit("provider.refused", SOURCE, backend=self.provider.backend,
-                       reason=r.reason, detail=r.detail, status=r.status, method=call.method,
-                       path=call.path, model=call.requested_model, **r.extra)
+        self._record_refusal(r.status, r.reason, r.detail, method=call.method,
+                             path=call.path, model=call.requested_model, **r.extra)
         return Response(r.status, JSON + NO_RETRY,
-                        backends.error_body(family, r.status, f"airlock: {r.detail}",
+                        backends.error_body(family, r.status, f"airlock: {clip(r.detail)}",
                                             f"airlock_{r.reason}"))
+
+    def _server_refused(self, status: int, reason: str, detail: str) -> None:
+        """A request or connection the HTTP server refused (a limit) before any handler."""
+        self._record_refusal(status, reason, detail)
+
+    def _record_refusal(self, status: int, reason: str, detail: str, **fields: Any) -> None:
+        """One event per refusal, every agent-chosen field clipped (a 60 KB path is
+        logged as 200 characters, once), and only the first `refusal_events` of them:
+        past that they are counted for one summary at the end. Refusals without end
+        end the run (HostLimits)."""
+        self.counts["refused"] += 1
+        if not self.host.refusal(SOURCE, reason):
+            return
+        data = {k: clip(v) if isinstance(v, str) else v for k, v in fields.items()}
+        self.sink.emit("provider.refused", SOURCE, backend=self.provider.backend,
+                       reason=reason, detail=clip(detail, 400), status=status, **data)
 
     # -- forwarding -----------------------------------------------------------------
 
@@ -336,6 +465,7 @@ class ProviderGateway:
             call.error = redact_text(f"upstream unreachable: {exc.kind}: {exc}",
                                      self._secrets())
             self._emit_request(call, 502, None, None)
+            self._settle_tokens(call, 502, None)
             return Response(502, JSON, backends.error_body(
                 route.family, 502, "airlock: the provider could not be reached",
                 "airlock_upstream_unreachable"))
@@ -430,6 +560,7 @@ class ProviderGateway:
         assert self._replayer is not None
         got = self._replayer.take(req.method, req.path, call.model, call.stream)
         if isinstance(got, Mismatch):
+            self._settle_tokens(call, 409, None)
             self.counts["refused"] += 1
             self.sink.emit("provider.replay_mismatch", SOURCE, index=got.index,
                            expected=got.expected, got=got.got, detail=got.message)
@@ -473,8 +604,7 @@ class ProviderGateway:
         if exchange is not None and self._recorder is not None:
             self._recorder.set_secrets(self._secrets())
             self._recorder.write(exchange)
-        if usage.total and call.route is not None and call.route.kind in GENERATION_KINDS:
-            self.budgets.charge("tokens", usage.total, source=SOURCE)
+        self._settle_tokens(call, status, usage)
 
     def _emit_request(self, call: _Call, status: int, usage: dict[str, Any] | None,
                       request_id: str | None, replay: dict[str, Any] | None = None) -> None:

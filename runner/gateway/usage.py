@@ -30,6 +30,9 @@ class Usage:
     cache_read_tokens: int | None = None
     cache_write_tokens: int | None = None
     stop_reason: str | None = None
+    # The provider's closing count was seen (not only message_start's running one):
+    # what is reported is what the request cost.
+    final: bool = False
 
     @property
     def total(self) -> int:
@@ -130,11 +133,13 @@ class UsageMeter:
             self._anthropic_usage(obj["message"].get("usage"))
         elif otype == "message_delta":
             self._anthropic_usage(obj.get("usage"))
+            u.final = u.final or isinstance(obj.get("usage"), dict)
             delta = obj.get("delta") or {}
             if delta.get("stop_reason"):
                 u.stop_reason = delta["stop_reason"]
         elif otype == "message":  # Anthropic, not streamed
             self._anthropic_usage(obj.get("usage"))
+            u.final = isinstance(obj.get("usage"), dict)
             u.stop_reason = obj.get("stop_reason") or u.stop_reason
         elif isinstance(otype, str) and otype.startswith("response.") and isinstance(
                 obj.get("response"), dict):
@@ -147,6 +152,7 @@ class UsageMeter:
             u.input_tokens = _int(obj.get("prompt_eval_count"))
             u.output_tokens = _int(obj.get("eval_count"))
             u.stop_reason = obj.get("done_reason") or "stop"
+            u.final = True
 
     def _anthropic_usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
@@ -171,6 +177,7 @@ class UsageMeter:
             u.stop_reason = f"{status}:{reason}" if reason else status
         usage = resp.get("usage")
         if isinstance(usage, dict):
+            u.final = status not in ("in_progress", "queued")
             u.input_tokens = _int(usage.get("input_tokens"))
             u.output_tokens = _int(usage.get("output_tokens"))
             u.cache_read_tokens = _int((usage.get("input_tokens_details") or {})
@@ -183,6 +190,7 @@ class UsageMeter:
                 u.stop_reason = choice["finish_reason"]
         usage = obj.get("usage")
         if isinstance(usage, dict):
+            u.final = True
             u.input_tokens = _int(usage.get("prompt_tokens"))
             u.output_tokens = _int(usage.get("completion_tokens"))
             u.cache_read_tokens = _int((usage.get("prompt_tokens_details") or {})

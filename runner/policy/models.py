@@ -127,6 +127,49 @@ class FilesystemPolicy(Strict):
         return self
 
 
+class ServiceLimits(Strict):
+    """What one run may make the host-side gateway and proxy spend. The defaults are
+    measured (docs/security.md, "Gateway and proxy limits"); each is per run."""
+
+    memory: Size = Field(
+        128 << 20, description="Request bytes the run's gateway holds at once, counted "
+        "across all its connections: bodies as they arrive plus the estimated cost of "
+        "parsing and re-sending them. A request that does not fit is refused (503).")
+    request_body: Size = Field(
+        32 << 20, description="Largest request body the gateway reads (Anthropic's own "
+        "request limit); larger ones are refused (413) before they are read.")
+    json_nodes: int = Field(
+        500_000, ge=1000, description="Most JSON values (objects, arrays and items) a "
+        "request body may hold; bounds the host's parsing memory and CPU (413).")
+    connections: int = Field(
+        64, ge=4, le=4096, description="Concurrent connections to each service (gateway, "
+        "proxy); more are closed as they arrive.")
+    head_timeout: Duration = Field(
+        30.0, description="Time for a request's line and headers to arrive once begun (408).")
+    body_timeout: Duration = Field(
+        60.0, description="Time for a request's whole body to arrive after its headers: a "
+        "stalled, incomplete request is dropped (408) and its memory freed.")
+    refusal_events: int = Field(
+        100, ge=1, description="Refusals logged in full per service; past it they are "
+        "counted, and one summary event gives the counts at the end.")
+    refusals: int = Field(
+        2000, ge=10, description="Refused requests and connections per run before the run "
+        "is ended as abusive (event limits.exceeded, exit 4, reason host_limit).")
+
+    @field_validator("head_timeout", "body_timeout")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("a timeout must be above 0")
+        return v
+
+    @model_validator(mode="after")
+    def _body_fits(self) -> ServiceLimits:
+        if self.request_body > self.memory:
+            raise ValueError("limits.request_body cannot exceed limits.memory")
+        return self
+
+
 class NetworkPolicy(Strict):
     mode: Literal["none", "gateway", "proxy"] = Field(
         "gateway",
@@ -142,6 +185,7 @@ class NetworkPolicy(Strict):
         description="CIDRs the proxy may reach although they are private, loopback or "
         "link-local (explicit widening; never needed for public hosts).",
     )
+    limits: ServiceLimits = Field(default_factory=ServiceLimits)
 
     @field_validator("allow")
     @classmethod
@@ -362,7 +406,14 @@ class ProviderPolicy(Strict):
 class BudgetsPolicy(Strict):
     steps: int | None = Field(None, ge=1, description="Completed agent actions.")
     requests: int | None = Field(None, ge=1, description="Provider requests.")
-    tokens: int | None = Field(None, ge=1, description="Input plus output tokens.")
+    tokens: int | None = Field(
+        None, ge=1, description="Input plus output tokens. Each request reserves its "
+        "output cap plus an estimate of its input before it is forwarded; one that does "
+        "not fit what is left is refused and ends the run.")
+    reserve_output_tokens: int = Field(
+        32_000, ge=256, description="Output tokens reserved for a request that sets no "
+        "output cap (max_tokens, max_output_tokens, ...); with a token budget the gateway "
+        "sets that cap on the request, so the reservation holds.")
     mcp_calls: int | None = Field(None, ge=1, description="MCP tool calls.")
 
 

@@ -25,6 +25,7 @@ from runner.agents import Agent, AgentContext
 from runner.engines import Engine, Sandbox, get_engine
 from runner.errors import AirlockError, BadInput, ExitCode
 from runner.events import BudgetExceeded, Budgets, Event, EventLog, clip_text
+from runner.events.limits import HostLimits
 from runner.images.custom import run_image
 from runner.policy.compile import RUN_DIR_IN_SANDBOX, SandboxInputs, container_spec
 from runner.policy.loader import over_preset, policy_digest
@@ -120,6 +121,10 @@ class Run:
              "mcp_calls": b.mcp_calls, "output_bytes": self.policy.resources.output_bytes},
             self.log, self._on_budget,
         )
+        lim = self.policy.network.limits
+        self.host_limits = HostLimits(memory=lim.memory, refusals=lim.refusals,
+                                      refusal_events=lim.refusal_events, sink=self.log,
+                                      on_exceeded=self._on_host_limit)
         self._sandbox: Sandbox | None = None
         # budget | timeout | interrupted | disk | log | *_abuse | cancelled
         self._end_reason: str | None = None
@@ -175,6 +180,9 @@ class Run:
 
     def _on_budget(self, exc: BudgetExceeded) -> None:
         self._end("budget")
+
+    def _on_host_limit(self, limit: str) -> None:
+        self._end("host_limit")
 
     def _on_control(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
@@ -476,6 +484,8 @@ class Run:
             return ExitCode.BUDGET_EXCEEDED, "budget_exceeded", "disk"
         if reason == "budget":
             return ExitCode.BUDGET_EXCEEDED, "budget_exceeded", "budget"
+        if reason == "host_limit":  # the sandbox kept making the host refuse it
+            return ExitCode.BUDGET_EXCEEDED, "budget_exceeded", "host_limit"
         if reason == "timeout":
             return ExitCode.WALL_TIME, "timeout", "wall_time"
         if reason == "log":

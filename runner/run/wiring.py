@@ -48,7 +48,9 @@ def start_services(run: Run, host: ServiceHost, run_dir: Path
 
         gateway = ProviderGateway(policy.provider, run_dir / "provider.sock", run.log,
                                   run.budgets, record_path=run.o.record,
-                                  environ=run.o.env_source)
+                                  environ=run.o.env_source,
+                                  limits=policy.network.limits, host=run.host_limits,
+                                  reserve_output_tokens=policy.budgets.reserve_output_tokens)
         _start(host, gateway, "provider gateway")
         run.gateway = gateway
         bridges.append(_bridge("provider"))
@@ -60,7 +62,8 @@ def start_services(run: Run, host: ServiceHost, run_dir: Path
         from runner.gateway.proxy import EgressProxy, agent_env
 
         try:
-            proxy = EgressProxy(policy.network, run_dir / "proxy.sock", run.log)
+            proxy = EgressProxy(policy.network, run_dir / "proxy.sock", run.log,
+                                host=run.host_limits)
         except ValueError as exc:
             raise BadInput(f"network: {exc}") from None
         _start(host, proxy, "egress proxy")

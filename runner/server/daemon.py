@@ -399,6 +399,9 @@ class Server:
         return sock
 
     def serve(self) -> int:
+        from runner.run.services import raise_nofile_limit
+
+        raise_nofile_limit()  # the runs it serves hold their services' descriptors here
         try:
             self.listener = self._bind()
         except AirlockError:
