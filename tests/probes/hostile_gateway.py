@@ -71,7 +71,9 @@ def stall(conns: int, size: int, hold: float) -> dict:
     # Held: the gateway must drop each by its deadline, whatever it answered before.
     answers = [status_of(s, 0.2) for s in socks]
     time.sleep(max(0.0, hold - (time.monotonic() - t0)))
-    later = [a if a != "none" else status_of(s, 1.0) for a, s in zip(answers, socks)]
+    # Each one still unanswered gets up to `hold` more seconds: its deadline runs from
+    # when its own head arrived, and sending the others took a while.
+    later = [a if a != "none" else status_of(s, hold) for a, s in zip(answers, socks, strict=True)]
     for s in socks:
         s.close()
     return {"sent": sent, "first": answers, "answers": later}
