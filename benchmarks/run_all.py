@@ -23,6 +23,7 @@ BENCHES = {
     "events": ("bench_events.py", [], ["--events", "5000", "--rounds", "3"]),
     "pool": ("bench_pool.py", [], ["-n", "5", "--burst", "8"]),
     "store": ("bench_store.py", [], ["-n", "50"]),
+    "service": ("bench_service.py", [], ["-n", "3", "--requests", "200", "--starts", "24"]),
 }
 
 

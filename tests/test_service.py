@@ -75,6 +75,7 @@ network: {mode: proxy, allow: ["pkg.example.org:443"]}
 """)
     svc = ServiceProcess(root, capacity=2, tenants={
         "acme": {"floor": "default", "workspaces": str(root / "ws-acme")},
+        "copier": {"floor": "ci", "workspaces": str(root / "ws-acme")},
         "globex": {"floor": "default"},
         "strict": {"floor": strict_floor(root)},
         "proxied": {"floor": proxy_floor},
@@ -267,6 +268,21 @@ def test_a_workspace_under_the_root_is_mounted(shared: ServiceProcess) -> None:
         assert shared.wait(acme, run_id)["status"] == "succeeded"
         log = (shared.runs_dir / "acme" / run_id / "events.jsonl").read_text()
         assert "hello" in log
+
+
+def test_a_copy_mode_runs_patch_is_its_tenants_alone(shared: ServiceProcess) -> None:
+    with shared.client("copier") as c, shared.client("acme") as acme:
+        run_id = c.post("/v1/runs", json={
+            "command": ["sh", "-c", "echo added > /workspace/NEW && echo more >> /workspace/README"],
+            "workspace": "repo"}).json()["id"]
+        assert shared.wait(c, run_id)["status"] == "succeeded"
+        r = c.get(f"/v1/runs/{run_id}/patch")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/x-diff")
+        assert "+added" in r.text and "+more" in r.text
+        assert acme.get(f"/v1/runs/{run_id}/patch").status_code == 404
+    # The host's directory is untouched: the agent wrote a private copy.
+    assert not (shared.root / "ws-acme" / "repo" / "NEW").exists()
+    assert (shared.root / "ws-acme" / "repo" / "README").read_text() == "hello\n"
 
 
 # -- bad input ---------------------------------------------------------------------------

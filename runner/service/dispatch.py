@@ -149,10 +149,7 @@ class Dispatcher:
             lost = self.store.expire_dead_hosts()
             if lost:
                 log.warning("dispatch: %d run(s) of dead hosts marked lost", len(lost))
-        self._check_cancels()
-        if now - self._last_flush >= USAGE_FLUSH:
-            self._last_flush = now
-            self._flush_usage()
+        # Claims first: a run submitted a moment ago is what the wake-up was for.
         while not self.draining and not self._stop.is_set() and self.running < self.capacity:
             record = self.store.claim_next(
                 self.host_id,
@@ -161,6 +158,10 @@ class Dispatcher:
             if record is None:
                 break
             self._launch(record)
+        self._check_cancels()
+        if now - self._last_flush >= USAGE_FLUSH:
+            self._last_flush = now
+            self._flush_usage()
 
     def _check_cancels(self) -> None:
         with self._lock:
@@ -210,7 +211,16 @@ class Dispatcher:
         ex.start()
 
     def _started(self, run_id: str, run_dir: str, container: str | None) -> None:
-        self.store.mark_started(run_id, self.host_id, run_dir=run_dir, container=container)
+        # Called from the run's own thread between creating and starting its sandbox:
+        # the database write goes on beside the start, not before it.
+        threading.Thread(target=self._record_start, args=(run_id, run_dir, container),
+                         name="airlock-mark-started", daemon=True).start()
+
+    def _record_start(self, run_id: str, run_dir: str, container: str | None) -> None:
+        try:
+            self.store.mark_started(run_id, self.host_id, run_dir=run_dir, container=container)
+        except Exception as exc:
+            log.error("dispatch: run %s started, but the store did not hear: %s", run_id, exc)
 
     def _ended(self, ex: Execution) -> None:
         status, code, reason, usage = ex.outcome()
