@@ -53,9 +53,14 @@ def bench_start(n: int) -> None:
                         text += e["data"].get("text", "")
             took_service = (_stamp(text) - t0) / 1e9
             out: list[bytes] = []
+
+            def collect(stream: str, chunk: bytes, out: list[bytes] = out) -> None:
+                if stream == "stdout":
+                    out.append(chunk)
+
             t0 = time.time_ns()
             result = execute(COMMAND, agent="command", policy="default", runs_dir=api_runs,
-                             on_output=lambda s, b: out.append(b) if s == "stdout" else None)
+                             on_output=collect)
             assert result.exit_code == 0, result.error
             took_api = (_stamp(b"".join(out).decode()) - t0) / 1e9
             if i:  # the first of each is a warm-up (imports, first connections)
