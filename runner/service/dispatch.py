@@ -167,10 +167,15 @@ class Dispatcher:
         with self._lock:
             if not self._local:
                 return
-        for rec in self.store.runs_of_host(self.host_id, ["running", "lost", "cancelled"]):
-            ex = self.local(rec.id)
-            if ex is not None and (rec.cancel_requested or rec.status != "running") \
-                    and not ex.cancelled:
+        # Only this host's running runs are read (the list stays as short as its
+        # capacity); a local run missing from it was ended by someone else: another
+        # host marked it lost, say.
+        running = {r.id: r for r in self.store.runs_of_host(self.host_id, ["running"])}
+        with self._lock:
+            local = list(self._local.values())
+        for ex in local:
+            rec = running.get(ex.run_id)
+            if (rec is None or rec.cancel_requested) and not ex.cancelled and ex.result is None:
                 ex.cancel()
 
     def _flush_usage(self) -> None:
