@@ -506,3 +506,25 @@ def test_the_readme_config_example_loads_as_written(tmp_path: Path) -> None:
     with pytest.raises(Refused) as refused:
         apply_on_floor(globex, {"provider": {"backend": "anthropic"}})
     assert refused.value.status == 403
+
+
+def test_the_meter_counts_only_authoritative_events() -> None:
+    """Usage from the gateway, MCP server and proxy; the agent's own claims count nothing."""
+    from runner.events.log import EventLog
+    from runner.service.accounting import RunMeter
+
+    log = EventLog(None, "r1")
+    meter = RunMeter(engine=None)
+    log.subscribe(meter)
+    log.emit("provider.request", "gateway", input_tokens=100, output_tokens=20, bytes_in=10,
+             bytes_out=30)
+    log.emit("provider.request", "gateway", input_tokens=None, output_tokens=None)
+    log.emit("mcp.call", "mcp", tool="x")
+    log.emit("proxy.closed", "proxy", bytes_up=1000, bytes_down=5000)
+    log.emit("provider.request", "agent", input_tokens=10**9, output_tokens=10**9)
+    log.emit("mcp.call", "agent", tool="fake")
+    c = meter.counters(wall_seconds=2.5)
+    assert c["provider_requests"] == 2 and c["tokens"] == 120
+    assert c["input_tokens"] == 100 and c["output_tokens"] == 20
+    assert c["mcp_calls"] == 1 and c["egress_bytes"] == 6000 and c["provider_bytes"] == 40
+    assert c["wall_seconds"] == 2.5
