@@ -22,10 +22,12 @@ import openai
 import pytest
 
 from runner.events.budgets import BudgetExceeded, Budgets
+from runner.events.limits import HostLimits
 from runner.events.log import Event, EventLog
 from runner.gateway import PLACEHOLDER_KEY, CredentialError, ProviderGateway
 from runner.policy.models import ProviderPolicy
 from runner.testing import LoopThread, ScriptedProvider
+from tests.conftest import wait_for
 
 KEY = "sk-real-key-0123456789abcdef"
 BASE = "http://127.0.0.1:8011"  # what the agent inside would use; the uds decides
@@ -36,18 +38,24 @@ class Harness:
 
     def __init__(self, loop: LoopThread, sockdir: Path, provider: ProviderPolicy, *,
                  budgets: dict[str, int | None] | None = None, record: Path | None = None,
-                 environ: dict[str, str] | None = None, name: str = "gw") -> None:
+                 environ: dict[str, str] | None = None, name: str = "gw",
+                 limits: Any = None) -> None:
         self.events: list[Event] = []
         self.log = EventLog(None, f"run-{name}")
         self.log.subscribe(self.events.append)
         self.tripped: list[BudgetExceeded] = []
+        self.exceeded: list[str] = []
         self.budgets = Budgets(budgets or {}, self.log, on_exceeded=self.tripped.append)
         self.socket = sockdir / f"{name}.sock"
         self.loop = loop
         self.gateway = ProviderGateway(provider, self.socket, self.log, self.budgets,
                                        record_path=record,
                                        environ={"PROVIDER_KEY": KEY} if environ is None
-                                       else environ)
+                                       else environ, limits=limits,
+                                       host=None if limits is None else HostLimits(
+                                           memory=limits.memory, refusals=limits.refusals,
+                                           refusal_events=limits.refusal_events,
+                                           sink=self.log, on_exceeded=self.exceeded.append))
         loop.run(self.gateway.start())
         self.http = httpx2.Client(transport=httpx2.HTTPTransport(uds=str(self.socket)),
                                   base_url=BASE, timeout=30)
@@ -1091,3 +1099,205 @@ def test_policy_can_allow_url_sources_and_stored_prompts(harnesses: list[Harness
         assert h.http.post("/v1/responses", json={
             "model": "gpt-5", "input": "x", "prompt": {"id": "pmpt_1"}}).status_code == 200
         assert h.of("provider.refused") == [] and len(up.requests) == 2
+
+
+# -- a hostile sandbox against the gateway (issue 13); the in-sandbox runs are in
+# -- tests/test_gateway_hostile.py ------------------------------------------------------
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _raw(h: Harness, data: bytes, timeout: float = 30) -> bytes:
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(str(h.socket))
+    s.sendall(data)
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+            if b"\r\n\r\n" in out:
+                break
+    finally:
+        s.close()
+    return out
+
+
+def test_json_bomb_is_refused_before_parsing(harnesses: list[Harness], loop: LoopThread,
+                                             sockdir: Path) -> None:
+    # The reviewer's 60 MiB of `{}` expanded to ~1.8 GB parsed; at the body limit
+    # (32 MiB) it would still be ~0.9 GB. Counted before parsing, it is refused.
+    with ScriptedProvider([{"text": "ok"}], api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, anthropic_policy(up.url))
+        n = (30 << 20) // 3
+        body = (b'{"model":"sonnet","max_tokens":5,"messages":[{"role":"user","content":"x"}],'
+                b'"x":[' + b",".join([b"{}"] * n) + b"]}")
+        before = _rss()
+        answer = _raw(h, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                      b"\r\n%b" % (len(body), body))
+        growth = _rss() - before
+        del body
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert growth < 200 << 20, growth  # the test's own copies; parsed it was ~900 MB
+        refused = h.of("provider.refused")
+        assert [r["reason"] for r in refused] == ["json_too_large"]
+        # Deep nesting is refused too, not a crash of the handler.
+        deep = b'{"model":"sonnet","x":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+        assert _raw(h, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                    b"\r\n%b" % (len(deep), deep)).startswith(b"HTTP/1.1 400")
+        assert up.requests == []
+        assert wait_for(lambda: h.gateway.host.held == 0, 5), h.gateway.host.held  # given back
+
+
+def test_refusals_are_clipped_capped_and_summarised(harnesses: list[Harness],
+                                                   loop: LoopThread, sockdir: Path) -> None:
+    from runner.policy.models import ServiceLimits
+
+    with ScriptedProvider([{"text": "ok"}], api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, anthropic_policy(up.url))
+        h.close()
+        harnesses.remove(h)
+        h = Harness(loop, sockdir, anthropic_policy(up.url), name="capped",
+                    limits=ServiceLimits(refusal_events=5, refusals=50))
+        harnesses.append(h)
+        path = "/" + "a" * 60_000
+        for _ in range(30):
+            assert h.http.get(path).status_code == 403
+        with pytest.raises(anthropic.PermissionDeniedError):
+            h.anthropic().messages.create(model="m" * 50_000, max_tokens=5,
+                                          messages=[{"role": "user", "content": "x"}])
+        refused = h.of("provider.refused")
+        assert len(refused) == 5
+        logged = json.dumps([e.to_dict() for e in h.events])
+        assert len(logged) < 10_000, len(logged)  # 60 KB paths, logged as 200 characters
+        assert h.tripped == [] and h.exceeded == []
+        for _ in range(25):
+            h.http.get(path)
+        assert h.exceeded == ["refusals"]  # past 50: the run is ended as abusive
+        assert h.of("limits.exceeded")[0]["limit"] == "refusals"
+        h.close()
+        harnesses.remove(h)
+        summary = h.of("provider.refused_summary")
+        assert summary == [{"suppressed": 51, "by_reason": {"path_not_allowed": 50,
+                                                            "model_not_allowed": 1},
+                            "refused": 56}]
+
+
+def test_connection_cap_and_deadlines_keep_the_neighbour_served(
+        harnesses: list[Harness], loop: LoopThread, sockdir: Path) -> None:
+    import socket
+
+    from runner.policy.models import ServiceLimits
+
+    with ScriptedProvider([{"text": "ok"}] * 4, api_key=KEY) as up:
+        h = Harness(loop, sockdir, anthropic_policy(up.url), name="attacked",
+                    limits=ServiceLimits(connections=8, head_timeout=1.0, body_timeout=1.0))
+        harnesses.append(h)
+        neighbour = make(harnesses, loop, sockdir, anthropic_policy(up.url), name="next")
+        socks = []
+        for _ in range(12):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(h.socket))
+            socks.append(s)
+        # a stalled head and a stalled body on two of them
+        socks[0].sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n")
+        socks[1].sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        for s in socks[:2]:
+            s.settimeout(5)
+        assert socks[0].recv(100).startswith(b"HTTP/1.1 408")
+        assert socks[1].recv(100).startswith(b"HTTP/1.1 408")
+        msg = [{"role": "user", "content": "x"}]
+        # the neighbour's gateway answers meanwhile
+        assert neighbour.anthropic().messages.create(
+            model="sonnet", max_tokens=5, messages=msg).content[0].text == "ok"
+        reasons = [r["reason"] for r in h.of("provider.refused")]
+        assert reasons.count("connections") == 4, reasons
+        assert {"head_timeout", "body_timeout"} <= set(reasons)
+        for s in socks:
+            s.close()
+        assert wait_for(lambda: len(h.gateway._server._conns) == 0, 5)
+        assert h.anthropic().messages.create(model="sonnet", max_tokens=5,
+                                             messages=msg).content[0].text == "ok"
+
+
+def test_concurrent_requests_cannot_overrun_the_token_budget(
+        harnesses: list[Harness], loop: LoopThread, sockdir: Path) -> None:
+    # Before reservations: 40 concurrent requests ran 32x over a token budget.
+    script = [{"text": "a", "usage": {"input_tokens": 50, "output_tokens": 100}}] * 40
+    with ScriptedProvider(script, api_key=KEY, chunk_delay=0.2) as up:
+        h = make(harnesses, loop, sockdir, anthropic_policy(up.url), budgets={"tokens": 1000})
+        results: list[int] = []
+
+        def one() -> None:
+            r = h.http.post("/v1/messages", json={
+                "model": "sonnet", "max_tokens": 100, "stream": True,
+                "messages": [{"role": "user", "content": "x"}]})
+            results.append(r.status_code)
+
+        threads = [threading.Thread(target=one) for _ in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        forwarded = len(up.generation_requests())
+        # each reserves its 100 output tokens + ~25 estimated input: 8 fit in 1000
+        assert forwarded <= 1000 // 100, forwarded
+        assert results.count(200) == forwarded
+        used = h.budgets.used["tokens"]
+        # Over by at most what the input estimate missed (the provider said 50 input
+        # tokens for ~100 bytes); the outputs were all reserved.
+        assert used <= 1000 + forwarded * 50, used
+        assert used < 1.25 * 1000, used
+        assert h.budgets.reserved["tokens"] == 0
+        assert [t.counter for t in h.tripped] == ["tokens"]
+
+
+@pytest.mark.parametrize("api", ["anthropic", "chat", "responses"])
+def test_a_stream_the_agent_hangs_up_on_is_charged_its_reservation(
+        harnesses: list[Harness], loop: LoopThread, sockdir: Path, api: str) -> None:
+    # Before: 92 KB of output charged 11 tokens (Chat Completions: 0).
+    text = "word " * 20_000
+    with ScriptedProvider([{"text": text}], api_key=KEY, chunk_chars=500,
+                          chunk_delay=0.01) as up:
+        policy = anthropic_policy(up.url) if api == "anthropic" else openai_policy(up.url)
+        h = make(harnesses, loop, sockdir, policy, budgets={"tokens": 1_000_000})
+        path, body = {
+            "anthropic": ("/v1/messages", {"model": "sonnet", "max_tokens": 30_000,
+                                           "messages": [{"role": "user", "content": "x"}]}),
+            "chat": ("/v1/chat/completions", {"model": "gpt-5", "max_tokens": 30_000,
+                                              "messages": [{"role": "user", "content": "x"}]}),
+            "responses": ("/v1/responses", {"model": "gpt-5", "max_output_tokens": 30_000,
+                                            "input": "x"}),
+        }[api]
+        with h.http.stream("POST", path, json={**body, "stream": True}) as r:
+            got = 0
+            for chunk in r.iter_bytes():
+                got += len(chunk)
+                if got > 20_000:
+                    break
+        assert wait_for(lambda: h.of("provider.request"), 10)
+        assert h.budgets.used["tokens"] >= 30_000, h.budgets.used
+        assert h.budgets.reserved["tokens"] == 0
+
+
+def test_a_request_without_an_output_cap_gets_the_reservation_as_its_cap(
+        harnesses: list[Harness], loop: LoopThread, sockdir: Path) -> None:
+    with ScriptedProvider([{"text": "a"}] * 3, api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, openai_policy(up.url), budgets={"tokens": 10_000})
+        h.openai().responses.create(model="gpt-5", input="x")
+        h.openai().chat.completions.create(model="gpt-5", messages=[
+            {"role": "user", "content": "x"}])
+        gens = up.generation_requests()
+        assert 1 <= gens[0].body["max_output_tokens"] < 10_000
+        assert 1 <= gens[1].body["max_completion_tokens"] < 10_000
+        # a request whose own cap does not fit is refused before it goes upstream
+        with pytest.raises(openai.RateLimitError):
+            h.openai().responses.create(model="gpt-5", input="x", max_output_tokens=20_000)
+        assert len(up.generation_requests()) == 2
+        assert h.of("budget.exceeded")[0]["counter"] == "tokens"
