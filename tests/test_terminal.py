@@ -130,3 +130,16 @@ provider:
     refused = [e["data"]["model"] for e in r.events() if e["type"] == "provider.refused"]
     assert refused == names
     assert verify_log(r.run_dir / "events.jsonl", run_id=r.run_dir.name, report=r.report) == []
+
+
+def test_json_output_never_fails_and_is_ascii(capfd):
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+    console = Console(json_out=True)
+    console.on_event(event("agent.message", "agent", text=ATTACK, nan=float("nan"), cyc=loop))
+    out = capfd.readouterr().out
+    assert out.endswith("\n") and out.count("\n") == 1 and out.isascii()
+    assert "NaN" not in out and "\x1b" not in out
+    import json
+
+    assert json.loads(out)["data"]["text"] == ATTACK

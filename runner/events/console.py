@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any
 
-from runner.events.log import Event
+from runner.events.log import Event, serialize
 
 REFUSALS = ("provider.refused", "proxy.refused", "mcp.refused", "control.refused",
             "provider.replay_mismatch")
@@ -173,7 +173,8 @@ class Console:
 
     def on_event(self, event: Event) -> None:
         if self.json_out:
-            line = json.dumps(event.to_dict(), separators=(",", ":"), default=str)
+            # As the log writes it (never fails on what an agent sent), all ASCII.
+            line = serialize(event.to_dict(), ascii=True).decode()
             with self._lock:
                 sys.stdout.write(line + "\n")
                 sys.stdout.flush()

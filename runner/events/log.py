@@ -103,21 +103,22 @@ def _fallback(value: Any) -> Any:
         return f"[{type(value).__name__}]"
 
 
-def serialize(record: dict[str, Any]) -> bytes:
+def serialize(record: dict[str, Any], *, ascii: bool = False) -> bytes:
     """One JSON line for `record`; never fails.
 
     Text is written as UTF-8 where it can be; a string that cannot be UTF-8 (a lone
     surrogate, which an agent can send as a JSON escape) makes the line ASCII with
     escapes, which reads back to the very same string. Values JSON cannot hold (cycles,
-    non-string keys, NaN) are clipped to plain ones.
+    non-string keys, NaN) are clipped to plain ones. `ascii`: escape all non-ASCII (for
+    a terminal, where a bidi override or a C1 control would act).
     """
     try:
         text = json.dumps(record, separators=(",", ":"), default=_fallback,
-                          ensure_ascii=False, allow_nan=False)
+                          ensure_ascii=ascii, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
         record = {**record, "data": clip(record.get("data"), 4096)}
         text = json.dumps(record, separators=(",", ":"), default=_fallback,
-                          ensure_ascii=False, allow_nan=False)
+                          ensure_ascii=ascii, allow_nan=False)
     try:
         return text.encode()
     except UnicodeEncodeError:

@@ -24,7 +24,7 @@ from typing import Any
 from runner.agents import Agent, AgentContext
 from runner.engines import Engine, Sandbox, get_engine
 from runner.errors import AirlockError, BadInput, ExitCode
-from runner.events import BudgetExceeded, Budgets, Event, EventLog, clip_text
+from runner.events import BudgetExceeded, Budgets, Event, EventLog, clip, clip_text
 from runner.events.limits import HostLimits
 from runner.images.custom import run_image
 from runner.policy.compile import RUN_DIR_IN_SANDBOX, SandboxInputs, container_spec
@@ -158,9 +158,10 @@ class Run:
         refusal = event.type.endswith((".refused", ".unauthorized"))
         if event.trusted and refusal and len(self._refused) < 200:
             d = event.data
-            self._refused.append({"seq": event.seq, "type": event.type, "reason": d.get("reason"),
-                                  "what": d.get("target") or d.get("tool") or d.get("model")
-                                  or d.get("path")})
+            what = d.get("target") or d.get("tool") or d.get("model") or d.get("path")
+            # report.json is read by people and tools: the sandbox's strings clipped.
+            self._refused.append({"seq": event.seq, "type": event.type,
+                                  "reason": clip(d.get("reason"), 200), "what": clip(what, 512)})
 
     def _end(self, reason: str) -> None:
         with self._lock:
