@@ -173,3 +173,23 @@ def test_stalled_bodies_are_held_within_the_run_memory_limit_and_dropped(
     stopped = [e["data"] for e in w.events() if e["type"] == "provider.gateway_stopped"]
     assert stopped[0]["memory_peak"] <= 128 * MIB
     verify(airlock, w)
+
+
+def test_a_flood_of_refused_long_paths_neither_fills_the_log_nor_goes_on(
+        airlock, runs_dir, tmp_path):
+    # The reviewer's attack: 4 connections pipelining 60 KB paths wrote 877 MB of events
+    # in 5 s. Now each refusal logs its path clipped, only the first ones are logged, and
+    # past network.limits.refusals the run is ended as abusive.
+    with ScriptedProvider(["never"], api_key=KEY) as up:
+        w = watched_run(runs_dir, policy_for(tmp_path, up.url), "paths", "4", "5", "60000",
+                        delay=2.0)
+    assert w.result.code == 4, (w.result.code, w.result.stderr)
+    assert w.result.report["exit_reason"] == "host_limit"
+    log = w.result.run_dir / "events.jsonl"
+    size = log.stat().st_size
+    print(f"paths: log {size} bytes, rss growth {(w.peak - w.baseline) / MIB:.0f} MiB")
+    assert size < 1 * MIB, size
+    types = [e["type"] for e in w.events()]
+    assert types.count("provider.refused") == 100  # network.limits.refusal_events
+    assert "limits.exceeded" in types and "provider.refused_summary" in types
+    verify(airlock, w)
