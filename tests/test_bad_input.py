@@ -82,8 +82,6 @@ CASES = [
     Case("workspace-missing", ["-w", "/nonexistent-airlock-dir", "--", "true"],
          "is not a directory"),
     Case("enable-tool-alone", ["--enable-tool", "x", "--", "true"], "needs --mcp-server"),
-    Case("image-with-builtin", ["--agent", "builtin", "--image", "base", "x"],
-         "--image applies to --agent command only"),
 ]
 
 
@@ -197,6 +195,7 @@ LATER = [
      [], 3, "provider key is missing"),
     ("unknown-image", None, ["--image", "airlock-test-no-such-image"], 3, "no local image"),
     ("cpus-above-host", "resources:\n  cpus: 256\n", [], 3, "the engine refused the sandbox"),
+    ("builtin-without-provider", None, ["--agent", "builtin"], 2, "needs a model provider"),
 ]
 
 
@@ -214,7 +213,8 @@ def test_refused_after_the_run_began_says_why_and_keeps_its_record(
     for how, extra_env in (("server", {}), ("in-process", {"AIRLOCK_NO_SERVE": "1"})):
         for flags in (["-q"], ["--json"]):
             before = set(os.listdir(served.runs))
-            proc = subprocess.run([*AIRLOCK, "run", *flags, *extra, "--", "true"],
+            task = ["x"] if "builtin" in extra else ["--", "true"]
+            proc = subprocess.run([*AIRLOCK, "run", *flags, *extra, *task],
                                   capture_output=True, text=True, env={**env, **extra_env},
                                   cwd=ROOT, timeout=120)
             assert proc.returncode == code, (how, flags, proc.stderr)

@@ -1,0 +1,1 @@
+"""The multi-tenant service (`airlock serve --config`): see DESIGN.md, "The service"."""

@@ -1,0 +1,135 @@
+"""`airlock serve --config FILE`: the service in the foreground, on uvicorn.
+
+SIGTERM (or Ctrl-C) drains: the host takes no new runs (POST answers 503), runs going
+on get `shutdown_grace` to end, then are cancelled; each one's end is recorded before
+the process exits. A second signal cuts the grace short (the runs are still cancelled
+and recorded, never abandoned).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+from runner.errors import AirlockError, ExitCode
+
+log = logging.getLogger("airlock.service")
+
+
+def _listen_args(listen: str) -> dict[str, Any]:
+    if listen.startswith("unix:"):
+        return {"uds": listen[5:]}
+    host, _, port = listen.rpartition(":")
+    return {"host": host.strip("[]"), "port": int(port)}
+
+
+def _uvicorn_server(app: Any, listen: str, on_signal: Any) -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Not uvicorn's: its first signal stops serving at once. Ours drains first,
+            # and the signal is not raised again once the server has stopped.
+            on_signal(sig)
+
+    config = uvicorn.Config(app, **_listen_args(listen), log_level="warning", lifespan="off",
+                            access_log=False, timeout_graceful_shutdown=10,
+                            server_header=False, proxy_headers=False,
+                            h11_max_incomplete_event_size=64 << 10)
+    return Server(config)
+
+
+def serve(config_path: str) -> int:
+    from runner.service.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="airlock serve: %(message)s")
+    config = load_config(config_path)  # PolicyError: file:line problems, exit 2
+
+    from runner.engines.docker_engine import connect
+    from runner.run.hostaddrs import host_addresses
+    from runner.service.app import ServiceState, create_app
+    from runner.service.dispatch import Dispatcher, default_host_id
+    from runner.service.reconcile import reconcile
+    from runner.service.store import StoreError, open_store
+
+    for tenant in config.tenants.values():
+        if tenant.workspaces is not None and not tenant.workspaces.is_dir():
+            log.warning("tenant %s: %s does not exist; its runs can name no workspace yet",
+                        tenant.name, tenant.workspaces)
+        for run_var, service_var in tenant.provider_keys.items():
+            if not os.environ.get(service_var):
+                log.warning("tenant %s: %s is not set, so its runs have no %s",
+                            tenant.name, service_var, run_var)
+    config.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(config.runs_dir, 0o700)
+    try:
+        store = open_store(config.database)
+    except StoreError as exc:
+        raise AirlockError(str(exc)) from None
+    engine = connect()  # NotReady (exit 3) when no engine answers
+    host_id = os.environ.get("AIRLOCK_HOST_ID") or default_host_id(config)
+    reconcile(store, engine, host_id)
+    dispatcher = Dispatcher(config, store, engine, host_id, host_addresses=host_addresses(),
+                            address=config.listen)
+    state = ServiceState(config=config, store=store, dispatcher=dispatcher, host_id=host_id)
+    app = create_app(state)
+
+    signals = {"count": 0}
+    server: Any = None
+    hurry = threading.Event()
+
+    def drain() -> None:
+        grace = config.shutdown_grace
+        log.info("draining: no new runs; %d running, %g s to end", dispatcher.running, grace)
+        dispatcher.drain(grace, hurry=hurry)
+        log.info("drained")
+        server.should_exit = True
+
+    def on_signal(sig: int) -> None:
+        signals["count"] += 1
+        if signals["count"] == 1:
+            threading.Thread(target=drain, name="airlock-drain", daemon=True).start()
+        else:
+            hurry.set()
+
+    server = _uvicorn_server(app, config.listen, on_signal)
+    dispatcher.start()
+    log.info("host %s listening on %s with %d tenant(s), capacity %d", host_id, config.listen,
+             len(config.tenants), config.capacity)
+    try:
+        server.run()
+    finally:
+        if not dispatcher.drained:
+            hurry.set()
+            dispatcher.drain(0)
+        store.close()
+    return 0 if signals["count"] or dispatcher.drained else int(ExitCode.AGENT_FAILED)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """For `python -m runner.service.serve CONFIG` (tests start the service this way too)."""
+    from runner.errors import PolicyError
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m runner.service.serve CONFIG", file=sys.stderr)
+        return 2
+    try:
+        return serve(args[0])
+    except PolicyError as exc:
+        for p in exc.problems:
+            print(p, file=sys.stderr)
+        return int(ExitCode.BAD_INPUT)
+    except AirlockError as exc:
+        print(f"airlock: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.exit(main())
