@@ -434,6 +434,39 @@ def test_each_tenants_provider_key_is_used_for_its_runs_only(tmp_path: Path) -> 
                 assert r.status_code == 429 and "tokens_per_day" in r.json()["error"]
 
 
+def test_a_runs_events_and_patch_come_from_the_host_that_ran_it(tmp_path: Path) -> None:
+    """Two hosts, one database: either answers for a run, its log stays where it ran."""
+    ws = tmp_path / "ws"
+    (ws / "repo").mkdir(parents=True)
+    tenants = {"acme": {"floor": "ci", "workspaces": str(ws)}}
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    a = ServiceProcess(tmp_path / "a", capacity=1, tenants=tenants, database=db, host_id="host-a")
+    b = ServiceProcess(tmp_path / "b", capacity=1, tenants=tenants, database=db, host_id="host-b",
+                       keys=a.keys)
+    with a, b, a.client("acme") as ca, b.client("acme") as cb:
+        first = ca.post("/v1/runs", json={"command": ["sh", "-c", "echo first; sleep 5"]}).json()
+        second = ca.post("/v1/runs", json={
+            "command": ["sh", "-c", "echo second; echo x > /workspace/made"],
+            "workspace": "repo"}).json()
+        one = a.wait(ca, first["id"], until={"running", "succeeded"})
+        two = a.wait(ca, second["id"])
+        assert two["status"] == "succeeded", two
+        hosts = {rid: {h for h in ("a", "b") if (tmp_path / h / "runs" / "acme" / rid).exists()}
+                 for rid in (first["id"], second["id"])}
+        # One host was busy with the first run, so the other ran the second.
+        assert one["id"] and len(hosts[first["id"]]) == len(hosts[second["id"]]) == 1
+        assert hosts[first["id"]] != hosts[second["id"]], hosts
+        for rid in (first["id"], second["id"]):
+            where = "a" if (tmp_path / "a" / "runs" / "acme" / rid).exists() else "b"
+            other = cb if where == "a" else ca
+            with other.stream("GET", f"/v1/runs/{rid}/events", params={"format": "jsonl"}) as r:
+                events = [json.loads(x) for x in r.iter_lines()]
+            assert events[0]["type"] == "run.start" and events[-1]["type"] == "run.end", where
+            if rid == second["id"]:
+                r = other.get(f"/v1/runs/{rid}/patch")
+                assert r.status_code == 200 and "+x" in r.text
+
+
 # -- SIGTERM -----------------------------------------------------------------------------
 
 

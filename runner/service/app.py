@@ -8,6 +8,7 @@ read whole (413), and nothing is created until the whole request has been checke
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations
 # at definition time, and they name dependencies defined inside create_app().
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -326,6 +327,37 @@ def create_app(state: ServiceState) -> Any:
         records, nxt = store.list_runs(tenant.name, limit=limit, cursor=cursor, statuses=status)
         return RunList(runs=[_info(r) for r in records], next=nxt)
 
+    def host_address(host_id: str | None) -> str | None:
+        if host_id is None or host_id == state.host_id:
+            return None
+        for h in store.hosts():
+            if h.host_id == host_id and h.alive and h.address:
+                return h.address
+        return None
+
+    async def relayed(address: str, path: str, request: Request,
+                      params: dict[str, str]) -> Any:
+        """The body of the host that holds the run's files, relayed as it comes."""
+        import httpx
+
+        if address.startswith("unix:"):
+            client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=address[5:]),
+                                       base_url="http://airlock", timeout=None, trust_env=False)
+        else:
+            client = httpx.AsyncClient(base_url=f"http://{address}", timeout=None,
+                                       trust_env=False)
+        headers = {k: v for k, v in request.headers.items()
+                   if k in ("authorization", "last-event-id")}
+        try:
+            async with client.stream("GET", path, params=params, headers=headers) as upstream:
+                if upstream.status_code == 200:
+                    async for chunk in upstream.aiter_raw():
+                        yield chunk
+        except httpx.HTTPError as exc:
+            log.warning("relay from %s: %s", address, exc)
+        finally:
+            await client.aclose()
+
     @app.get("/v1/runs/{run_id}/events", responses={
         **ERRORS, 200: {"content": {"text/event-stream": {}, "application/x-ndjson": {}},
                         "description": "The run's events as they happen; ends with the run."}},
@@ -337,39 +369,53 @@ def create_app(state: ServiceState) -> Any:
         local = config.runs_dir / tenant.name / rec.id / "events.jsonl"
         last = request.headers.get("last-event-id", "")
         after = int(last) if last.isdigit() else 0
+        fmt: Callable[[bytes], bytes] = (lambda line: line + b"\n") if format == "jsonl" else sse
 
         def path_of() -> Path | None:
-            if local.exists():
-                return local
-            return None
+            return local if local.exists() else None
 
         def ended() -> bool:
             r = store.get_run(rec.id, tenant.name)
-            return r is None or r.ended or (r.host_id not in (None, state.host_id)
-                                            and not local.exists())
+            return r is None or r.ended
 
-        lines = follow_lines(path_of, ended, after_seq=after)
+        async def body() -> Any:
+            r: RunRecord | None = rec
+            # A queued run has no host yet: which one holds its log is known once claimed.
+            while r is not None and r.host_id is None and not r.ended and not local.exists():
+                await asyncio.sleep(0.2)
+                r = await run_in_threadpool(store.get_run, rec.id, tenant.name)
+            if r is not None and not local.exists() and r.host_id not in (None, state.host_id):
+                # Several hosts, one database: the log is on the host that ran it.
+                address = await run_in_threadpool(host_address, r.host_id)
+                if address is not None:
+                    async for chunk in relayed(address, f"/v1/runs/{rec.id}/events", request,
+                                               {"format": format}):
+                        yield chunk
+                return
+            async for line in follow_lines(path_of, ended, after_seq=after):
+                yield fmt(line)
+
         if format == "jsonl":
-            async def jsonl() -> Any:
-                async for line in lines:
-                    yield line + b"\n"
-            return StreamingResponse(jsonl(), media_type="application/x-ndjson")
-
-        async def stream() -> Any:
-            async for line in lines:
-                yield sse(line)
-        return StreamingResponse(stream(), media_type="text/event-stream",
+            return StreamingResponse(body(), media_type="application/x-ndjson")
+        return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/v1/runs/{run_id}/patch", responses={
         **ERRORS, 200: {"content": {"text/x-diff": {}},
                         "description": "The changes of a copy-mode workspace."}},
         summary="A copy-mode run's patch")
-    def patch(run_id: str, tenant: Tenant) -> Response:
-        rec = own_run(run_id, tenant)
+    async def patch(run_id: str, tenant: Tenant, request: Request) -> Response:
+        rec = await run_in_threadpool(own_run, run_id, tenant)
         path = config.runs_dir / tenant.name / rec.id / "changes.patch"
         if not rec.ended:
             raise ApiError(409, "the run has not ended; its patch comes at its end")
+        if not path.parent.exists():
+            address = await run_in_threadpool(host_address, rec.host_id)
+            if address is not None:
+                chunks = [c async for c in relayed(address, f"/v1/runs/{rec.id}/patch",
+                                                   request, {})]
+                if chunks:
+                    return Response(b"".join(chunks), media_type="text/x-diff")
         if not path.is_file():
             raise ApiError(404, "the run has no patch (no copy-mode workspace, or no changes)")
         return Response(path.read_bytes(), media_type="text/x-diff")

@@ -28,6 +28,18 @@ def _listen_args(listen: str) -> dict[str, Any]:
     return {"host": host.strip("[]"), "port": int(port)}
 
 
+def advertised(listen: str) -> str:
+    """How other hosts reach this one (for a run's events and patch, which stay here)."""
+    if listen.startswith("unix:"):
+        return listen
+    host, _, port = listen.rpartition(":")
+    if host.strip("[]") in ("0.0.0.0", "::", ""):
+        import socket
+
+        host = socket.getfqdn()
+    return f"{host}:{port}"
+
+
 def _uvicorn_server(app: Any, listen: str, on_signal: Any) -> Any:
     import uvicorn
 
@@ -75,7 +87,7 @@ def serve(config_path: str) -> int:
     host_id = os.environ.get("AIRLOCK_HOST_ID") or default_host_id(config)
     reconcile(store, engine, host_id)
     dispatcher = Dispatcher(config, store, engine, host_id, host_addresses=host_addresses(),
-                            address=config.listen)
+                            address=advertised(config.listen))
     state = ServiceState(config=config, store=store, dispatcher=dispatcher, host_id=host_id)
     app = create_app(state)
 

@@ -40,12 +40,13 @@ class ServiceProcess:
     def __init__(self, root: Path, *, tenants: dict[str, dict[str, Any]], capacity: int = 4,
                  database: str | None = None, env: dict[str, str] | None = None,
                  extra: dict[str, Any] | None = None, runs_dir: Path | None = None,
-                 port: int | None = None, host_id: str | None = None) -> None:
+                 port: int | None = None, host_id: str | None = None,
+                 keys: dict[str, str] | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.keys = {name: new_key() for name in tenants}
+        self.keys = {name: (keys or {}).get(name) or new_key() for name in tenants}
         self.operator_key = new_key()
         self.runs_dir = runs_dir or self.root / "runs"
         self.database = database or f"sqlite:///{self.root / 'airlock.db'}"
