@@ -82,8 +82,9 @@ def guarded_protocol(guard: HttpGuard) -> type[H11Protocol]:
     """uvicorn's h11 protocol with the connection cap and both deadlines of `guard`."""
 
     class GuardedProtocol(H11Protocol):
-        _refused = False
+        _refused = False  # closed as accepted, past the cap: never served
         _timer: asyncio.TimerHandle | None = None
+        _waiting = ""  # which deadline the timer is for
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             if guard.open >= guard.limits.connections:
@@ -117,8 +118,6 @@ def guarded_protocol(guard: HttpGuard) -> type[H11Protocol]:
             # Idle until the next request's headers: the same deadline as a new connection
             # (a client that starts headers and stalls cancels uvicorn's keep-alive timer).
             self._arm("header_timeout", guard.limits.header_timeout)
-
-        _waiting = ""
 
         def _arm(self, what: str, seconds: float) -> None:
             self._disarm()
