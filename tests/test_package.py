@@ -64,13 +64,16 @@ def _user_env(venv_bin: Path, home: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Timings]]:
     out = tmp_path_factory.mktemp("dist")
-    timings = Timings()
-    # python -m build makes the sdist from the checkout, then the wheel from the sdist:
+    # A copy of the checkout, so that the build's own files (build/, *.egg-info) never
+    # land in it; python -m build makes the sdist from it, then the wheel from the sdist:
     # whatever the sdist forgets, the wheel lacks.
+    source = tmp_path_factory.mktemp("source") / "airlock"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"))
+    timings = Timings()
     proc = timings.run("build sdist+wheel", [sys.executable, "-m", "build", "--outdir",
-                                             str(out), str(ROOT)], timeout=900)
+                                             str(out), str(source)], timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    shutil.rmtree(ROOT / "build", ignore_errors=True)
     wheel = next(out.glob("airlock-*.whl"))
     sdist = next(out.glob("airlock-*.tar.gz"))
     yield wheel, sdist, timings
@@ -168,8 +171,13 @@ def test_the_composite_action_steps_run_as_written(engine, tmp_path: Path):
                     GITHUB_OUTPUT=str(github_output), GITHUB_WORKSPACE=str(workspace),
                     XDG_CACHE_HOME=str(tmp_path / "cache"))
 
+    # pip builds a local directory in place: give it a copy, not the checkout.
+    action_path = tmp_path / "action" / "airlock"
+    shutil.copytree(ROOT, action_path, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"))
+
     def expand(text: str) -> str:
-        text = text.replace("${{ github.action_path }}", str(ROOT))
+        text = text.replace("${{ github.action_path }}", str(action_path))
         return re.sub(r"\$\{\{\s*inputs\.([\w-]+)\s*\}\}", lambda m: str(inputs[m.group(1)]),
                       text)
 

@@ -1,5 +1,0 @@
-"""`python -m runner`: the same as the `airlock` command."""
-
-from runner.entry import main
-
-main()

@@ -1,1 +1,0 @@
-"""The multi-tenant service (`airlock serve --config`): see DESIGN.md, "The service"."""
