@@ -193,3 +193,33 @@ def test_a_flood_of_refused_long_paths_neither_fills_the_log_nor_goes_on(
     assert types.count("provider.refused") == 100  # network.limits.refusal_events
     assert "limits.exceeded" in types and "provider.refused_summary" in types
     verify(airlock, w)
+
+
+def test_concurrent_generations_from_inside_stay_within_the_token_budget(
+        airlock, runs_dir, tmp_path):
+    # The reviewer's attack: 40 concurrent requests ran 32x over a token budget.
+    script = [{"text": "a", "usage": {"input_tokens": 20, "output_tokens": 100}}] * 40
+    with ScriptedProvider(script, api_key=KEY, chunk_delay=0.3) as up:
+        policy = policy_for(tmp_path, up.url, "budgets: {tokens: 1000}\n")
+        w = watched_run(runs_dir, policy, "tokens", "40", "100", delay=1.0)
+        forwarded = len(up.generation_requests())
+    # The run ends at the budget (the probe is killed before it can report), so the
+    # upstream's own count is the evidence: 1000 tokens admit 8 reservations of 125, not 40.
+    assert 1 <= forwarded <= 8, forwarded
+    assert w.result.code == 4, w.result.stderr
+    tokens = w.result.report["budgets"]["tokens"]
+    # over by at most the input tokens the estimate (~25 per request) did not cover
+    assert tokens["used"] <= 1000 + forwarded * 20, tokens
+    verify(airlock, w)
+
+
+def test_a_stream_hung_up_on_inside_is_charged_its_reservation(airlock, runs_dir, tmp_path):
+    with ScriptedProvider([{"text": "word " * 20_000}], api_key=KEY, chunk_chars=500,
+                          chunk_delay=0.01) as up:
+        policy = policy_for(tmp_path, up.url, "budgets: {tokens: 1000000}\n")
+        w = watched_run(runs_dir, policy, "hangup", "anthropic", delay=1.0)
+        assert len(up.generation_requests()) == 1
+    assert w.result.probe()["status"].startswith("HTTP/1.1 200")
+    # max_tokens 2000 was asked: a stream cut before its final usage costs all of it
+    assert w.result.report["budgets"]["tokens"]["used"] >= 2000
+    verify(airlock, w)

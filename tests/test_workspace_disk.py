@@ -32,19 +32,39 @@ def run_measured(runs_dir: Path, *args: str, timeout: float = 300) -> tuple[int,
     CLI and every process it waited for (git included)."""
     env = {**os.environ, "AIRLOCK_RUNS_DIR": str(runs_dir)}
     before = set(os.listdir(runs_dir)) if runs_dir.exists() else set()
-    with open(runs_dir.parent / "out.txt", "w+b") as out, open(runs_dir.parent / "err.txt", "w+b") as err:
-        proc = subprocess.Popen([*AIRLOCK, *args], stdout=out, stderr=err, env=env, cwd=ROOT)
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            proc.returncode = 0  # reaped above
+    # Linux records the exec'ing process's old memory high-water mark in its maxrss, so a
+    # child forked from this (large, long-lived) pytest process would report pytest's size.
+    # A small launcher forks the CLI instead and reports what the CLI tree really peaked at.
+    with open(runs_dir.parent / "out.txt", "w+b") as out, open(runs_dir.parent / "err.txt", "w+b") as err, \
+            open(runs_dir.parent / "rusage.json", "w+") as measured:
+        env["AIRLOCK_MEASURE_FD"] = str(measured.fileno())
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *AIRLOCK, *args], stdout=out,
+                              stderr=err, env=env, cwd=ROOT, pass_fds=(measured.fileno(),),
+                              timeout=timeout)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(), err.read().decode()
+        measured.seek(0)
+        report = measured.read()
+    assert report, (proc.returncode, stderr)
+    status, maxrss = json.loads(report)
     code = os.waitstatus_to_exitcode(status)
     new = sorted(set(os.listdir(runs_dir)) - before)
     assert new, stderr
-    return code, stdout, stderr, runs_dir / new[-1], usage.ru_maxrss * 1024
+    return code, stdout, stderr, runs_dir / new[-1], maxrss * 1024
+
+
+_LAUNCHER = """
+import json, os, sys
+fd = int(os.environ.pop("AIRLOCK_MEASURE_FD"))
+pid = os.fork()
+if pid == 0:
+    os.close(fd)
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+os.write(fd, json.dumps([status, usage.ru_maxrss]).encode())
+sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
 
 
 def events(run_dir: Path) -> list[dict]:

@@ -445,7 +445,9 @@ WEAKENINGS: list[Weakening] = [
         patch=_believing_control),
     Weakening(
         "runs-dir-in-workspace", ("log.runs-dir",), "policy",
-        "the runs directory given as the (read-only) workspace",
+        "the runs directory given as the (read-only) workspace, with "
+        "filesystem.allow_sensitive_workspace: true (without it the run is refused)",
+        policy=lambda ctx, b, d: d["filesystem"].update(allow_sensitive_workspace=True),
         workspace=lambda ctx: ctx.runs_dir, prepare=lambda ctx: ctx.runs_dir.chmod(0o755)),
 ]
 
