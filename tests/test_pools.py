@@ -277,3 +277,43 @@ def test_readme_pool_example_runs_as_written(engine, tmp_path):
     for d in tmp_path.iterdir():
         claimed += '"sandbox.claimed"' in (d / "events.jsonl").read_text()
     assert claimed >= 2  # two were ready before the first run
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("mode", ["ro", "copy"])
+def test_a_workspace_arrives_in_a_pooled_sandbox(engine, pool, tmp_path, runtime, mode):
+    import subprocess as sp
+
+    base = load_policy(PRESET[runtime])
+    policy = policy_from_dict({**base.model_dump(mode="json"),
+                               "filesystem": {**base.filesystem.model_dump(mode="json"),
+                                              "workspace": mode}})
+    recipe = Recipe(with_agent_tmpfs(policy, get_agent("command")), image_tag("base"), mode)
+    pool.add(recipe, 1)
+    assert pool.wait_ready(recipe, 1, timeout=120)
+    (warm,) = [c for c in _pool_containers(engine, recipe.key) if c.status == "running"]
+    ws_source = next(m["Source"] for m in warm.attrs["Mounts"] if m["Destination"] == "/workspace")
+    assert os.listdir(ws_source) == []  # nothing of any workspace before the claim
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "a.txt").write_text("one\n")
+    sp.run(["git", "init", "-q", str(ws)], check=True)
+    # the sandbox user's own 0600 file stays readable, as through a cold run's bind mount
+    uid, _, gid = policy.process.user.partition(":")
+    (ws / "own.txt").write_text("mine\n")
+    os.chmod(ws / "own.txt", 0o600)
+    os.chown(ws / "own.txt", int(uid), int(gid or uid))
+    r = execute(["sh", "-c", "cat /workspace/a.txt /workspace/own.txt; "
+                 "echo two >> /workspace/a.txt; echo $?"],
+                agent="command", policy=policy, pool=pool, workspace=ws,
+                runs_dir=tmp_path / "runs")
+    assert "sandbox.claimed" in types(r)
+    out = stdout(r)
+    assert out.startswith("one\nmine\n"), out
+    assert (ws / "a.txt").read_text() == "one\n"  # the host's directory is never written
+    if mode == "copy":
+        assert out.endswith("0\n") and r.patch and "+two" in r.patch
+    else:
+        assert not out.endswith("0\n") and not r.patch  # read-only inside
+    assert not os.path.exists(ws_source)  # the snapshot or copy went with the run

@@ -79,7 +79,7 @@ class RunOptions:
     # Raw agent output as it arrives (stream name, bytes): the console prints it.
     on_output: Callable[[str, bytes], None] | None = None
     host_addresses: list[str] = field(default_factory=list)
-    # Warm sandboxes to claim from (runs without a workspace); None: always cold.
+    # Warm sandboxes to claim from (see runner/run/pool.py); None: always cold.
     pool: SandboxSource | None = None
     # The preset the policy builds on (LoadedPolicy.preset): what the policy raises
     # above it is recorded as `policy.widened`.
@@ -239,8 +239,11 @@ class Run:
         try:
             engine = self.o.engine or get_engine()
             image = run_image(p.image, agent.image, engine)
-            if self.o.pool is not None and self.o.workspace is None:
-                warm = self.o.pool.claim(Recipe(p, image))
+            fs = p.filesystem
+            pooled = (ws_mod.pooled_mode(self.o.workspace, fs.workspace)
+                      if self.o.pool is not None else None)
+            if self.o.pool is not None and pooled is not None:
+                warm = self.o.pool.claim(Recipe(p, image, pooled))
             if warm is not None:
                 scratch, run_dir, etc = warm.scratch, warm.run_dir, warm.etc_dir
                 with self._lock:
@@ -250,10 +253,13 @@ class Run:
                 scratch, run_dir, etc = make_scratch()
 
             uid, _, gid = p.process.user.partition(":")
-            fs = p.filesystem
-            prepared = ws_mod.prepare(self.o.workspace, fs.workspace, scratch,
-                                      int(uid), int(gid or uid),
-                                      ws_mod.CopyLimits(fs.copy_size, fs.copy_files))
+            limits = ws_mod.CopyLimits(fs.copy_size, fs.copy_files)
+            if warm is not None and warm.workspace_dir is not None and self.o.workspace:
+                prepared = ws_mod.fill_pooled(self.o.workspace, fs.workspace, warm.workspace_dir,
+                                              int(uid), int(gid or uid), limits)
+            else:
+                prepared = ws_mod.prepare(self.o.workspace, fs.workspace, scratch,
+                                          int(uid), int(gid or uid), limits)
             if prepared.copy is not None:
                 self.log.emit("workspace.copy", "host", size_cap=fs.copy_size,
                               files_cap=fs.copy_files)
@@ -332,6 +338,8 @@ class Run:
             if warm is not None:
                 with contextlib.suppress(OSError):
                     warm.feed.close()
+                if warm.workspace_dir is not None:  # the pool's mount, even if never filled
+                    ws_mod.unmount(warm.workspace_dir)
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
         if self._end_reason == "disk" and reason in ("command", "agent", "error"):

@@ -14,8 +14,12 @@ The pool connection is also the warm sandbox's dead-man switch: when the process
 holding the pool ends, the shims of its unclaimed sandboxes exit, and `airlock gc`
 removes them (their owner label names that process).
 
-Runs with a workspace start cold for now: a workspace must be in place before the
-agent starts, and under gVisor a bind mount made after the start is not seen inside.
+A workspace arrives at the claim as files placed in a directory the pool mounted at
+/workspace when it created the sandbox (under gVisor a bind mount made after the start
+is not seen inside): a copy on a size-capped tmpfs the pool mounted (copy mode), or a
+snapshot that the sandbox sees read-only (ro mode, up to a size; larger ones start
+cold, where the bind costs nothing). A `rw` workspace is the host's own directory and
+always starts cold.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from runner.engines.base import LABEL_SCRATCH, ContainerSpec
 from runner.errors import AirlockError
 from runner.policy.compile import SandboxInputs, container_spec
 from runner.policy.models import Policy
+from runner.run import workspace as ws_mod
 from runner.run.gc import OWNER_FILE, SCRATCH_PREFIX
 from runner.run.owner import owner_label
 
@@ -52,24 +57,39 @@ PLACEHOLDER = Path("/nonexistent/airlock-pool")
 
 @dataclass(frozen=True)
 class Recipe:
-    """What a pooled sandbox is made from: a run's boundary, minus the run."""
+    """What a pooled sandbox is made from: a run's boundary, minus the run.
+
+    `workspace`: "none", or how a workspace arrives at the claim into a directory
+    mounted at /workspace when the sandbox was created: "ro" (a snapshot, read-only
+    inside) or "copy" (a size-capped tmpfs the pool mounted, writable inside).
+    """
 
     policy: Policy
     image: str
+    workspace: str = "none"
 
     def spec(self, inputs: SandboxInputs) -> ContainerSpec:
-        return container_spec(self.policy, replace(inputs, image=self.image))
+        return container_spec(self.policy, replace(
+            inputs, image=self.image,
+            workspace=inputs.workspace if self.workspace != "none" else None,
+            workspace_writable=self.workspace == "copy"))
 
     @property
     def key(self) -> str:
-        return pool_key(self.spec(SandboxInputs(image=self.image, run_id="", owner="",
-                                                run_dir=PLACEHOLDER, etc_dir=PLACEHOLDER)))
+        spec = self.spec(SandboxInputs(image=self.image, run_id="", owner="",
+                                       run_dir=PLACEHOLDER, etc_dir=PLACEHOLDER,
+                                       workspace=PLACEHOLDER))
+        fs = self.policy.filesystem
+        # The copy's tmpfs is sized when the pool mounts it: its caps are the boundary too.
+        extra = (fs.copy_size, fs.copy_files) if self.workspace == "copy" else ()
+        return pool_key(spec, extra)
 
 
-def pool_key(spec: ContainerSpec) -> str:
+def pool_key(spec: ContainerSpec, extra: tuple[Any, ...] = ()) -> str:
     """The boundary a sandbox was created with: every setting of its spec but those
     that name a run (its id and owner labels) or a host path."""
-    data = asdict(spec)
+    data: dict[str, Any] = asdict(spec)
+    data["extra"] = list(extra)
     data["labels"] = {k: v for k, v in spec.labels.items()
                       if k not in ("airlock.run", "airlock.owner", LABEL_POOL, LABEL_SCRATCH)}
     data["mounts"] = [(m.target, m.read_only) for m in spec.mounts]
@@ -88,6 +108,7 @@ class WarmSandbox:
     etc_dir: Path
     feed: socket.socket
     created: float = field(default_factory=time.monotonic)
+    workspace_dir: Path | None = None  # mounted at /workspace, empty until the claim
 
     def alive(self) -> bool:
         """The shim still holds its end: nothing to read, no EOF."""
@@ -115,6 +136,8 @@ class WarmSandbox:
             self.feed.close()
         with contextlib.suppress(Exception):
             self.sandbox.remove()
+        if self.workspace_dir is not None:
+            ws_mod.unmount(self.workspace_dir)  # a no-op unless the pool mounted a copy
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
@@ -141,13 +164,23 @@ def warm_one(engine: Engine, recipe: Recipe, *, timeout: float = WARM_TIMEOUT) -
     scratch, run_dir, etc = make_scratch()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sandbox: Sandbox | None = None
+    workspace: Path | None = None
     try:
+        if recipe.workspace != "none":
+            workspace = scratch / "workspace"
+            workspace.mkdir(mode=0o700)
+            if recipe.workspace == "copy":
+                uid, _, gid = recipe.policy.process.user.partition(":")
+                fs = recipe.policy.filesystem
+                ws_mod.mount_tmpfs(workspace, ws_mod.CopyLimits(fs.copy_size, fs.copy_files),
+                                   int(uid), int(gid or uid), 0o700)
         listener.bind(str(run_dir / POOL_SOCKET))
         os.chmod(run_dir / POOL_SOCKET, 0o666)  # the sandbox uid connects
         listener.listen(1)
         listener.settimeout(timeout)
         spec = recipe.spec(SandboxInputs(image=recipe.image, run_id=pool_id,
                                          owner=owner_label(), run_dir=run_dir, etc_dir=etc,
+                                         workspace=workspace,
                                          extra_labels={LABEL_POOL: key[:16],
                                                        LABEL_SCRATCH: str(scratch)}))
         spec.command = [*SHIM_COMMAND, "--pool"]
@@ -165,11 +198,14 @@ def warm_one(engine: Engine, recipe: Recipe, *, timeout: float = WARM_TIMEOUT) -
             conn.close()
             raise AirlockError(f"a pooled sandbox did not get warm (said {hello[:64]!r})")
         conn.settimeout(None)
-        return WarmSandbox(key, pool_id, sandbox, scratch, run_dir, etc, conn)
+        return WarmSandbox(key, pool_id, sandbox, scratch, run_dir, etc, conn,
+                           workspace_dir=workspace)
     except BaseException:
         if sandbox is not None:
             with contextlib.suppress(Exception):
                 sandbox.remove()
+        if workspace is not None:
+            ws_mod.unmount(workspace)
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     finally:

@@ -106,21 +106,93 @@ def prepare(origin: Path | None, mode: str, scratch: Path, uid: int, gid: int,
     copy.mkdir(mode=0o700)
     mount_tmpfs(copy, limits, uid, gid, stat.S_IMODE(origin.stat().st_mode))
     try:
+        newest = _seed(origin, copy, uid, gid, limits)
+    except BaseException:
+        unmount(copy)
+        raise
+    return PreparedWorkspace(copy, True, origin, copy, limits, newest)
+
+
+def _seed(origin: Path, copy: Path, uid: int, gid: int, limits: CopyLimits) -> int:
+    """Copy the workspace into `copy` (an empty, size-capped tmpfs), owned by the
+    sandbox user; return the newest inode change time in the copy."""
+    try:
         shutil.copytree(origin, copy, symlinks=True, dirs_exist_ok=True,
                         ignore=lambda d, names: [n for n in names if _special(Path(d) / n)])
     except (OSError, shutil.Error) as exc:
-        unmount(copy)
         if _is_enospc(exc):  # the workspace grew while it was being copied
             raise BadInput(_too_big(origin, *footprint(origin), limits)) from None
         raise
+    os.chmod(copy, stat.S_IMODE(origin.stat().st_mode))
     newest = 0
     for dirpath, dirnames, filenames in os.walk(copy):
         for name in [*dirnames, *filenames]:
             os.lchown(Path(dirpath) / name, uid, gid)
             newest = max(newest, os.lstat(Path(dirpath) / name).st_ctime_ns)
     os.lchown(copy, uid, gid)
-    newest = max(newest, os.lstat(copy).st_ctime_ns)
-    return PreparedWorkspace(copy, True, origin, copy, limits, newest)
+    return max(newest, os.lstat(copy).st_ctime_ns)
+
+
+POOLED_RO_MAX = 64 << 20  # bytes: a read-only workspace copied into a pooled sandbox
+
+
+def pooled_mode(origin: Path | None, mode: str) -> str | None:
+    """How a run's workspace would go into a pooled sandbox: "none", "ro" or "copy";
+    None when it cannot (rw: the host's own directory must be the mount; a read-only
+    workspace too big to copy quickly, which a cold start binds for free)."""
+    if origin is None:
+        return "none"
+    if mode == "copy":
+        return "copy"
+    if mode == "ro" and origin.is_dir() and footprint(origin.resolve())[0] <= POOLED_RO_MAX:
+        return "ro"
+    return None
+
+
+def fill_pooled(origin: Path, mode: str, target: Path, uid: int, gid: int,
+                limits: CopyLimits) -> PreparedWorkspace:
+    """The workspace placed in a claimed sandbox's directory, mounted when the pool
+    created it (under gVisor a mount made after the start is not seen inside): a copy
+    on its size-capped tmpfs (copy), or a snapshot it sees read-only (ro)."""
+    origin = origin.resolve()
+    if not origin.is_dir():
+        raise BadInput(f"workspace {origin} is not a directory")
+    if mode == "copy":
+        need, files = footprint(origin)
+        if need > limits.size or files > limits.files:
+            raise BadInput(_too_big(origin, need, files, limits))
+        newest = _seed(origin, target, uid, gid, limits)
+        return PreparedWorkspace(target, True, origin, target, limits, newest)
+    copied = 0
+
+    def bounded_copy(src: str, dst: str) -> None:
+        # measured before the claim, but the directory may grow while it is copied
+        nonlocal copied
+        copied += os.lstat(src).st_size
+        if copied > 2 * POOLED_RO_MAX:
+            raise BadInput(f"workspace {origin} grew past {_mib(2 * POOLED_RO_MAX)} "
+                           "while it was copied into the sandbox")
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+    shutil.copytree(origin, target, symlinks=True, dirs_exist_ok=True,
+                    copy_function=bounded_copy,
+                    ignore=lambda d, names: [n for n in names if _special(Path(d) / n)])
+    _same_owners(origin, target)
+    os.chmod(target, stat.S_IMODE(origin.stat().st_mode) | 0o555)
+    return PreparedWorkspace(target, False, origin)
+
+
+def _same_owners(origin: Path, target: Path) -> None:
+    """The snapshot's owners as the bind mount of a cold run would show them: a copy made
+    by root is root's, and the sandbox's user could no longer read its own 0600 files."""
+    for dirpath, dirnames, filenames in os.walk(target):
+        for name in [".", *dirnames, *filenames]:
+            copied = Path(dirpath, name)
+            try:
+                st = os.lstat(origin / copied.relative_to(target))
+                os.lchown(copied, st.st_uid, st.st_gid)
+            except OSError:
+                continue
 
 
 def footprint(root: Path) -> tuple[int, int]:
