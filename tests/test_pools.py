@@ -221,6 +221,21 @@ def test_airlock_run_through_the_server_claims_from_its_pool(engine, tmp_path):
         # Exit codes pass through a pooled run as through a cold one.
         third = served.run("--", "sh", "-c", "exit 7")
         assert third.returncode == 7
+        # A workspace run's boundary is learned too; the next such run gets its files
+        # at the claim.
+        proj = tmp_path / "proj"
+        proj.mkdir()
+        (proj / "f.txt").write_text("in the workspace\n")
+        for boundaries in (1, 2):
+            assert wait_for(lambda n=boundaries: len({c.labels[LABEL_POOL] for c in
+                                                      engine.containers.list(
+                                                          filters={"label": LABEL_POOL})}) >= n,
+                            60)
+            ws_run = served.run("--quiet", "--workspace", str(proj), "--", "cat",
+                                "/workspace/f.txt")
+            assert ws_run.returncode == 0 and ws_run.stdout == "in the workspace\n", \
+                ws_run.stderr
+        assert _pooled_runs(served.runs)[-1] is True, _pooled_runs(served.runs)
     finally:
         _stop(served)
     # A server that stops takes its pool's unclaimed sandboxes with it.

@@ -4,7 +4,7 @@ The server forks its workers and must stay free of threads and of the engine's
 connection to do so safely; a pool needs both. So the server forks one keeper, which
 holds a `Pool` and listens on `pool.sock` beside the server's socket (0600, in the
 same 0700 directory, peers of other uids refused by SO_PEERCRED). A worker whose run
-has no workspace asks it for a sandbox of its run's boundary; the keeper answers with
+is to start asks it for a sandbox of its run's boundary; the keeper answers with
 the sandbox's container and directories and passes the pool connection's descriptor
 (SCM_RIGHTS), and forgets it: from then on the sandbox is the worker's run's, which
 writes its own owner into the sandbox's scratch directory, so `airlock gc` judges the
@@ -116,7 +116,11 @@ class Keeper:
             conn.settimeout(CLAIM_TIMEOUT)
             try:
                 request = json.loads(_read_line(conn))
-                recipe = Recipe(Policy.model_validate(request["policy"]), str(request["image"]))
+                workspace = str(request.get("workspace", "none"))
+                if workspace not in ("none", "ro", "copy"):
+                    raise ValueError(workspace)
+                recipe = Recipe(Policy.model_validate(request["policy"]), str(request["image"]),
+                                workspace)
             except Exception:
                 with contextlib.suppress(OSError):
                     conn.sendall(b'{"ok":false,"error":"bad request"}\n')
@@ -129,7 +133,9 @@ class Keeper:
             reply = {"ok": True, "container": warm.sandbox.id, "pool_id": warm.pool_id,
                      "key": warm.key, "scratch": str(warm.scratch),
                      "run_dir": str(warm.run_dir), "etc_dir": str(warm.etc_dir),
-                     "age": time.monotonic() - warm.created}
+                     "age": time.monotonic() - warm.created,
+                     "workspace_dir": (str(warm.workspace_dir) if warm.workspace_dir is not None
+                                       else None)}
             try:
                 socket.send_fds(conn, [json.dumps(reply).encode() + b"\n"],
                                 [warm.feed.fileno()])
@@ -190,7 +196,8 @@ class RemotePool:
         try:
             sock.settimeout(CLAIM_TIMEOUT)
             sock.connect(str(self.path))
-            request = {"policy": recipe.policy.model_dump(mode="json"), "image": recipe.image}
+            request = {"policy": recipe.policy.model_dump(mode="json"), "image": recipe.image,
+                       "workspace": recipe.workspace}
             sock.sendall(json.dumps(request).encode() + b"\n")
             data, fds, _, _ = socket.recv_fds(sock, 65536, 1)
             while data and not data.endswith(b"\n") and len(data) < MAX_REQUEST:
@@ -208,7 +215,9 @@ class RemotePool:
             sandbox = get_engine().adopt(str(reply["container"]))
             return WarmSandbox(str(reply["key"]), str(reply["pool_id"]), sandbox, scratch,
                                Path(reply["run_dir"]), Path(reply["etc_dir"]), feed,
-                               created=time.monotonic() - float(reply.get("age") or 0))
+                               created=time.monotonic() - float(reply.get("age") or 0),
+                               workspace_dir=(Path(reply["workspace_dir"])
+                                              if reply.get("workspace_dir") else None))
         except Exception:
             return None
         finally:
