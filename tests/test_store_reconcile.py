@@ -116,6 +116,27 @@ def test_a_run_that_ended_before_the_kill_gets_its_real_end(engine, database_url
         assert verify_log(runs_dir / run_id / "events.jsonl", run_id=run_id, report=report) == []
 
 
+@pytest.mark.slow
+def test_a_run_whose_report_was_never_written_gets_its_end_from_the_log(
+        engine, database_url: str, tmp_path: Path) -> None:
+    runs_dir = tmp_path / "runs"
+    proc, run_id = _host(database_url, runs_dir, "sh", "-c", "exit 5")
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ended"), proc.stderr.read()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    # as if killed after the log's last line but before report.json
+    (runs_dir / run_id / "report.json").unlink()
+    with open_store(database_url) as store:
+        done = reconcile(store, "host-a", get_engine(), runs_dir)
+        assert done.ended == [run_id] and done.lost == [] and done.logs_closed == []
+        rec = store.get_run(run_id)
+        assert (rec.status, rec.exit_code, rec.exit_reason) == ("failed", 5, "command")
+        assert verify_log(runs_dir / run_id / "events.jsonl", run_id=run_id) == []
+
+
 def test_report_statuses_map_onto_the_service_statuses() -> None:
     assert [service_status(s) for s in ("succeeded", "failed", "budget_exceeded", "timeout",
                                         "interrupted", "cancelled", "oom", "not_ready", "disk")] \

@@ -66,8 +66,8 @@ def serve(config_path: str) -> int:
     from runner.run.hostaddrs import host_addresses
     from runner.service.app import ServiceState, create_app
     from runner.service.dispatch import Dispatcher, default_host_id
-    from runner.service.reconcile import reconcile
     from runner.service.store import StoreError, open_store
+    from runner.service.store.reconcile import reconcile
 
     for tenant in config.tenants.values():
         if tenant.workspaces is not None and not tenant.workspaces.is_dir():
@@ -85,7 +85,12 @@ def serve(config_path: str) -> int:
         raise AirlockError(str(exc)) from None
     engine = connect()  # NotReady (exit 3) when no engine answers
     host_id = os.environ.get("AIRLOCK_HOST_ID") or default_host_id(config)
-    reconcile(store, engine, host_id)
+    settled = reconcile(store, host_id, engine, config.runs_dir)
+    if settled.ended or settled.lost or settled.removed:
+        log.warning("settled what this host's last process left: %d ended, %d lost, "
+                    "%d sandbox object(s) removed, %d log(s) closed",
+                    len(settled.ended), len(settled.lost), len(settled.removed),
+                    len(settled.logs_closed))
     dispatcher = Dispatcher(config, store, engine, host_id, host_addresses=host_addresses(),
                             address=advertised(config.listen))
     state = ServiceState(config=config, store=store, dispatcher=dispatcher, host_id=host_id)

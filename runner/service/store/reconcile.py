@@ -146,12 +146,30 @@ def reconcile(store: Store, host_id: str, engine: Engine | None, runs_dir: Path)
                              usage_from_report(report))
                 out.ended.append(rec.id)
                 continue
+            logged = _logged_end(events)
+            if logged is not None:  # the run ended; its report was not written
+                store.finish(rec.id, *logged)
+                out.ended.append(rec.id)
+                continue
             store.finish(rec.id, "lost", None, "host_restarted")
             out.lost.append(rec.id)
         if close_log(run_dir / "events.jsonl", rec.id, status="lost", exit_code=None,
                      exit_reason=rec.exit_reason if rec.status == "lost" else "host_restarted"):
             out.logs_closed.append(rec.id)
     return out
+
+
+def _logged_end(events: list[dict[str, Any]]) -> tuple[str, int | None, str | None] | None:
+    """How the log says the run ended, when it got as far as `run.end`."""
+    for event in reversed(events):
+        if event.get("type") == "run.end":
+            d = event.get("data") if isinstance(event.get("data"), dict) else {}
+            code = d.get("exit_code")
+            reason = d.get("exit_reason")
+            return (service_status(str(d.get("status"))),
+                    code if isinstance(code, int) else None,
+                    str(reason) if reason is not None else None)
+    return None
 
 
 def _run_dir(runs_dir: Path, tenant: str, run_id: str) -> Path:
