@@ -69,7 +69,7 @@ def test_request_without_the_token_is_refused(airlock):
 def test_a_second_run_cannot_reach_the_first_runs_server(airlock, runs_dir, tmp_path):
     # Run A stays up; run B looks for A's socket and A's port from its own sandbox.
     a = subprocess.Popen([*AIRLOCK, "run", "--quiet", "--mcp-tool", "tests.mcp_tools:add",
-                          "--", "sleep", "20"], cwd=ROOT, stdout=subprocess.PIPE,
+                          "--", "sleep", "120"], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, env={**os.environ, "AIRLOCK_RUNS_DIR": str(tmp_path)})
     try:
         time.sleep(3)
