@@ -332,3 +332,53 @@ def test_a_workspace_arrives_in_a_pooled_sandbox(engine, pool, tmp_path, runtime
     else:
         assert not out.endswith("0\n") and not r.patch  # read-only inside
     assert not os.path.exists(ws_source)  # the snapshot or copy went with the run
+
+
+def _empty_files(root: Path, count: int) -> None:
+    root.mkdir()
+    for i in range(0, count, 1000):
+        d = root / f"d{i}"
+        d.mkdir()
+        for j in range(min(1000, count - i)):
+            (d / f"f{j}").touch()
+
+
+def test_a_read_only_workspace_of_many_empty_files_starts_cold(engine, pool, tmp_path):
+    """Before: the pooled snapshot was bounded in bytes only, and empty files weigh
+    none: 200,000 of them passed, and the claim copied them onto the host's disk (22 s,
+    200,000 of its inodes) where a cold run binds them in 0.2 s."""
+    from runner.run import workspace as ws_mod
+
+    base = load_policy("default")
+    policy = policy_from_dict({**base.model_dump(mode="json"),
+                               "filesystem": {**base.filesystem.model_dump(mode="json"),
+                                              "workspace": "ro"}})
+    recipe = Recipe(with_agent_tmpfs(policy, get_agent("command")), image_tag("base"), "ro")
+    pool.add(recipe, 1)
+    ws = tmp_path / "ws"
+    _empty_files(ws, ws_mod.POOLED_RO_FILES + 10)
+    assert ws_mod.footprint(ws)[0] == 0  # nothing in bytes
+    assert ws_mod.pooled_mode(ws, "ro") is None
+    assert pool.wait_ready(recipe, 1, timeout=120)
+    r = execute(["sh", "-c", "ls /workspace | wc -l"], agent="command", policy=policy,
+                pool=pool, workspace=ws, runs_dir=tmp_path / "runs")
+    assert r.exit_code == 0 and stdout(r).strip() == str(len(os.listdir(ws)))
+    assert "sandbox.created" in types(r) and "sandbox.claimed" not in types(r)
+
+
+def test_a_read_only_workspace_that_grows_while_copied_is_cut_off(tmp_path):
+    """What the claim finds when the directory grew past the count after pooled_mode
+    measured it (say, a run with the same directory rw adds entries): the copy stops
+    at twice the cap, in entries of any kind, not only bytes."""
+    from runner.errors import BadInput
+    from runner.run import workspace as ws_mod
+
+    ws = tmp_path / "ws"
+    _empty_files(ws, 2 * ws_mod.POOLED_RO_FILES + 2000)
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(BadInput, match="grew past"):
+        ws_mod.fill_pooled(ws, "ro", target, os.getuid(), os.getgid(),
+                           ws_mod.CopyLimits(1 << 30, 100_000))
+    made = sum(len(files) + len(dirs) for _, dirs, files in os.walk(target))
+    assert made <= 2 * ws_mod.POOLED_RO_FILES

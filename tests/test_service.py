@@ -8,6 +8,7 @@ and the builtin agent against the scripted provider for the per-tenant key test.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import pytest
 from runner.events.verify import verify_log
 from runner.testing import ScriptedProvider
 from runner.testing.service import ServiceProcess
-from tests.conftest import AIRLOCK
+from tests.conftest import AIRLOCK, wait_for
 
 pytestmark = pytest.mark.usefixtures("engine")
 
@@ -308,6 +309,16 @@ def test_bad_input_gets_one_line_and_the_right_status(shared: ServiceProcess) ->
         ({"json": {"command": ["true"], "policy": BILLION_LAUGHS}}, 400),
         ({"json": {"command": ["true"], "policy": {"extends": "/etc/passwd"}}}, 400),
         ({"json": {"command": ["true"], "policy": 42}}, 422),
+        # NaN passed every bound and the floor's "more than" (then the run failed); 400
+        # digits made int() raise OverflowError (500)
+        ({"json": {"command": ["true"], "policy": "resources: {wall_time: .nan}\n"}}, 422),
+        ({"content": b'{"command": ["true"], "policy": {"network": {"limits": '
+                     b'{"head_timeout": NaN, "body_timeout": Infinity}}}}',
+          "headers": {"content-type": "application/json"}}, 422),
+        ({"json": {"command": ["true"], "policy": {"resources": {"memory": "9" * 400 + "g"}}}},
+         422),
+        ({"json": {"command": ["true"], "policy": {"resources": {"wall_time": "9" * 400}}}},
+         422),
         ({"json": {"command": ["x" * (2 << 20)]}}, 413),
     ]
     with shared.client("globex") as c:
@@ -561,3 +572,166 @@ def test_the_meter_counts_only_authoritative_events() -> None:
     assert c["input_tokens"] == 100 and c["output_tokens"] == 20
     assert c["mcp_calls"] == 1 and c["egress_bytes"] == 6000 and c["provider_bytes"] == 40
     assert c["wall_seconds"] == 2.5
+
+
+# -- the HTTP connection itself (anyone who can connect, before any key) -----------------
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_huge_request_head_is_refused_before_it_is_held(shared: ServiceProcess) -> None:
+    """Before: uvicorn picked httptools, whose head has no cap: one connection sending a
+    184 MB URL grew the service by 280 MB."""
+    import socket
+
+    assert shared.proc is not None
+    before = _rss_kib(shared.proc.pid)
+    for start in (b"GET /healthz?", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: "):
+        with socket.create_connection(("127.0.0.1", shared.port), timeout=30) as s:
+            s.sendall(start)
+            sent = 0
+            with contextlib.suppress(OSError):
+                while sent < 64 << 20:
+                    s.sendall(b"a" * (1 << 16))
+                    sent += 1 << 16
+            assert sent < 4 << 20, "the service kept reading a head past 4 MiB"
+    assert _rss_kib(shared.proc.pid) - before < 32 << 10
+    assert httpx.get(f"{shared.url}/healthz", timeout=10).status_code == 200
+
+
+def _serve_bounded(request_timeout: float, connections: int) -> tuple[Any, int, Any]:
+    """The service's protocol on uvicorn, in this process, in front of a small app that
+    reads bodies and streams a slow response (as the event stream does)."""
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    from runner.service.http_limits import HEAD_BYTES, protocol_class
+    from runner.testing.service import free_port
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            more = message.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/slow":  # a stream longer than the request deadline
+            for _ in range(4):
+                await asyncio.sleep(request_timeout)
+                await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"ok\n"})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+        http=protocol_class(request_timeout, connections),
+        h11_max_incomplete_event_size=HEAD_BYTES))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert wait_for(lambda: server.started, 10)
+    return server, port, thread
+
+
+def _read_all(s: Any, timeout: float) -> tuple[bytes, float]:
+    s.settimeout(timeout)
+    t0 = time.monotonic()
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := s.recv(4096):
+            data += chunk
+    return data, time.monotonic() - t0
+
+
+def test_stalled_requests_are_cut_and_connections_capped() -> None:
+    """Before: a connection that sent half a head, or a body one byte short, was held
+    for ever (3,000 of them still held after 60 s, each a descriptor and up to 1 MiB)."""
+    import socket
+
+    server, port, thread = _serve_bounded(request_timeout=1.0, connections=8)
+    try:
+        def conn() -> socket.socket:
+            return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+        silent, half_head, short_body, streaming = conn(), conn(), conn(), conn()
+        half_head.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        short_body.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 99)
+        streaming.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        for s in (silent, half_head, short_body):
+            data, took = _read_all(s, 10)
+            assert data.startswith(b"HTTP/1.1 408"), data
+            assert took < 5
+        data, took = _read_all(streaming, 15)  # its request was whole: never cut
+        assert data.count(b"tick") == 4 and data.endswith(b"ok\n\r\n0\r\n\r\n"), data
+        for s in (silent, half_head, short_body, streaming):
+            s.close()
+
+        held = [conn() for _ in range(8)]
+        extra = conn()
+        assert _read_all(extra, 5)[0] == b""  # closed as it was accepted
+        extra.close()
+        for s in held:
+            s.close()
+        time.sleep(0.3)
+        with conn() as again:  # the slots came back
+            again.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert b"ok\n" in _read_all(again, 5)[0]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_a_tenant_holds_a_bounded_number_of_event_streams(shared: ServiceProcess) -> None:
+    """Before: 400 streams of one tenant took 1.1 cores and slowed another tenant's
+    `GET /v1/runs/{id}` from 1.5 ms to 390 ms; now past MAX_STREAMS it is 429."""
+    import asyncio
+
+    from runner.service.app import MAX_STREAMS
+
+    with shared.client("acme") as acme, shared.client("globex") as globex:
+        run_id = acme.post("/v1/runs", json={"command": ["sleep", "60"]}).json()["id"]
+        other = globex.post("/v1/runs", json={"command": ["sleep", "60"]}).json()["id"]
+        statuses: list[int] = []
+
+        async def follow(client: httpx.AsyncClient, opened: asyncio.Event) -> None:
+            async with client.stream("GET", f"/v1/runs/{run_id}/events") as r:
+                statuses.append(r.status_code)
+                opened.set()
+                if r.status_code == 200:
+                    async for _ in r.aiter_raw():
+                        pass
+
+        async def main() -> None:
+            async with httpx.AsyncClient(
+                    base_url=shared.url, timeout=None,
+                    headers={"Authorization": f"Bearer {shared.keys['acme']}"},
+                    limits=httpx.Limits(max_connections=MAX_STREAMS + 20)) as client:
+                events = [asyncio.Event() for _ in range(MAX_STREAMS + 8)]
+                tasks = [asyncio.create_task(follow(client, e)) for e in events]
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
+                assert statuses.count(200) == MAX_STREAMS and statuses.count(429) == 8
+                # another tenant's stream is its own to open
+                async with httpx.AsyncClient(
+                        base_url=shared.url, timeout=30,
+                        headers={"Authorization": f"Bearer {shared.keys['globex']}"}) as g, \
+                        g.stream("GET", f"/v1/runs/{other}/events") as r:
+                    assert r.status_code == 200
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run(main())
+        acme.post(f"/v1/runs/{run_id}/cancel")
+        globex.post(f"/v1/runs/{other}/cancel")
+        # every slot came back, however its stream ended
+        assert wait_for(lambda: acme.get(f"/v1/runs/{run_id}/events?format=jsonl")
+                        .status_code == 200, 30)

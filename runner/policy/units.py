@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated
 
@@ -23,7 +24,10 @@ def parse_size(value: object) -> int:
     if isinstance(value, str):
         m = _SIZE.match(value)
         if m:
-            return int(float(m.group(1)) * _SIZE_FACTOR[m.group(2).lower()])
+            n = float(m.group(1)) * _SIZE_FACTOR[m.group(2).lower()]
+            if not math.isfinite(n):  # 400 digits: int() of it would raise OverflowError
+                raise ValueError(f"{value[:40]!r}... is too large a size")
+            return int(n)
     raise ValueError(f"{value!r} is not a size (use bytes or a suffix k, m, g: 256m)")
 
 
@@ -31,13 +35,20 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration must be seconds or a string such as 600s")
     if isinstance(value, int | float):
+        # NaN (JSON's NaN, YAML's .nan) compares false with every bound, so it would pass
+        # `<= 0` and `> max` and every floor's "more than" alike.
+        if not math.isfinite(value):
+            raise ValueError("a duration must be a finite number of seconds")
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
     if isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return float(m.group(1)) * _DURATION_FACTOR[(m.group(2) or "s").lower()]
+            seconds = float(m.group(1)) * _DURATION_FACTOR[(m.group(2) or "s").lower()]
+            if not math.isfinite(seconds):
+                raise ValueError(f"{value[:40]!r}... is too long a duration")
+            return seconds
     raise ValueError(f"{value!r} is not a duration (use seconds or a suffix ms, s, m, h: 600s)")
 
 

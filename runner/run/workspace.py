@@ -134,6 +134,10 @@ def _seed(origin: Path, copy: Path, uid: int, gid: int, limits: CopyLimits) -> i
 
 
 POOLED_RO_MAX = 64 << 20  # bytes: a read-only workspace copied into a pooled sandbox
+# Files, directories and links of one: a snapshot is on the host's disk, and empty
+# files weigh nothing in bytes (measured: 200,000 empty files passed the byte cap and
+# took 22 s and 200,000 of the host's inodes to copy; a cold run binds them in 0.2 s).
+POOLED_RO_FILES = 20_000
 
 
 def pooled_mode(origin: Path | None, mode: str) -> str | None:
@@ -144,8 +148,10 @@ def pooled_mode(origin: Path | None, mode: str) -> str | None:
         return "none"
     if mode == "copy":
         return "copy"
-    if mode == "ro" and origin.is_dir() and footprint(origin.resolve())[0] <= POOLED_RO_MAX:
-        return "ro"
+    if mode == "ro" and origin.is_dir():
+        need, files = footprint(origin.resolve())
+        if need <= POOLED_RO_MAX and files <= POOLED_RO_FILES:
+            return "ro"
     return None
 
 
@@ -164,6 +170,16 @@ def fill_pooled(origin: Path, mode: str, target: Path, uid: int, gid: int,
         newest = _seed(origin, target, uid, gid, limits)
         return PreparedWorkspace(target, True, origin, target, limits, newest)
     copied = 0
+    entries = 0
+
+    def skip(directory: str, names: list[str]) -> list[str]:
+        # Every entry passes here before it is made, directories and links included.
+        nonlocal entries
+        entries += len(names)
+        if entries > 2 * POOLED_RO_FILES:
+            raise BadInput(f"workspace {origin} grew past {2 * POOLED_RO_FILES} files "
+                           "while it was copied into the sandbox")
+        return [n for n in names if _special(Path(directory) / n)]
 
     def bounded_copy(src: str, dst: str) -> None:
         # measured before the claim, but the directory may grow while it is copied
@@ -175,8 +191,7 @@ def fill_pooled(origin: Path, mode: str, target: Path, uid: int, gid: int,
         shutil.copy2(src, dst, follow_symlinks=False)
 
     shutil.copytree(origin, target, symlinks=True, dirs_exist_ok=True,
-                    copy_function=bounded_copy,
-                    ignore=lambda d, names: [n for n in names if _special(Path(d) / n)])
+                    copy_function=bounded_copy, ignore=skip)
     _same_owners(origin, target)
     os.chmod(target, stat.S_IMODE(origin.stat().st_mode) | 0o555)
     return PreparedWorkspace(target, False, origin)

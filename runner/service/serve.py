@@ -43,6 +43,8 @@ def advertised(listen: str) -> str:
 def _uvicorn_server(app: Any, listen: str, on_signal: Any) -> Any:
     import uvicorn
 
+    from runner.service.http_limits import HEAD_BYTES, protocol_class
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             # Not uvicorn's: its first signal stops serving at once. Ours drains first,
@@ -52,7 +54,7 @@ def _uvicorn_server(app: Any, listen: str, on_signal: Any) -> Any:
     config = uvicorn.Config(app, **_listen_args(listen), log_level="warning", lifespan="off",
                             access_log=False, timeout_graceful_shutdown=10,
                             server_header=False, proxy_headers=False,
-                            h11_max_incomplete_event_size=64 << 10)
+                            http=protocol_class(), h11_max_incomplete_event_size=HEAD_BYTES)
     return Server(config)
 
 
