@@ -271,6 +271,43 @@ def test_a_workspace_under_the_root_is_mounted(shared: ServiceProcess) -> None:
         assert "hello" in log
 
 
+@pytest.mark.parametrize("where", ["itself", "a parent"])
+def test_a_workspace_swapped_for_a_symlink_while_queued_is_not_mounted(
+        tmp_path: Path, where: str) -> None:
+    """Before: the path was checked when the run was queued and mounted when it started;
+    a symlink put in its place meanwhile (by the tenant, or by its own `rw` run, which
+    is how it was measured) had the queued run read another tenant's workspace."""
+    root = tmp_path / "ws-mallory"
+    (root / "team" / "repo").mkdir(parents=True)
+    (root / "team" / "repo" / "mine").write_text("mine\n")
+    victim = tmp_path / "ws-victim"
+    victim.mkdir()
+    (victim / "secret").write_text("VICTIM-SECRET\n")
+    with ServiceProcess(tmp_path / "svc", capacity=1, tenants={
+            "mallory": {"floor": "default", "workspaces": str(root)},
+            "victim": {"floor": "default", "workspaces": str(victim)}}) as svc, \
+            svc.client("mallory") as c:
+        blocker = c.post("/v1/runs", json={"command": ["sleep", "4"]}).json()["id"]
+        r = c.post("/v1/runs", json={"command": ["sh", "-c", "cat /workspace/*"],
+                                     "workspace": "team/repo"})
+        assert r.status_code == 201, r.text
+        run_id = r.json()["id"]
+        assert c.get(f"/v1/runs/{run_id}").json()["status"] == "queued"
+        swapped = root / "team" / "repo" if where == "itself" else root / "team"
+        swapped.rename(swapped.with_name(swapped.name + ".old"))
+        if where == "itself":
+            swapped.symlink_to(victim)
+        else:
+            (tmp_path / "elsewhere").mkdir()
+            os.symlink(victim, tmp_path / "elsewhere" / "repo")
+            swapped.symlink_to(tmp_path / "elsewhere")
+        svc.wait(c, blocker)
+        info = svc.wait(c, run_id)
+        assert info["status"] == "failed" and info["exit_reason"] == "workspace_changed", info
+        log = c.get(f"/v1/runs/{run_id}/events", params={"format": "jsonl"}).text
+        assert "VICTIM-SECRET" not in log
+
+
 def test_a_copy_mode_runs_patch_is_its_tenants_alone(shared: ServiceProcess) -> None:
     with shared.client("copier") as c, shared.client("acme") as acme:
         run_id = c.post("/v1/runs", json={

@@ -24,6 +24,7 @@ from runner.run.orchestrator import Run, RunOptions
 from runner.run.report import RunResult
 from runner.service.accounting import RunMeter
 from runner.service.config import TenantConfig
+from runner.service.floors import Refused, recheck_workspace
 
 # The orchestrator's statuses, as the service's contract names them.
 STATUS = {
@@ -82,6 +83,7 @@ class Execution:
         self.meter = RunMeter(engine)
         self.result: RunResult | None = None
         self.error: str | None = None
+        self.error_reason = "error"
         self._engine = engine
         self._runs_dir = runs_dir
         self._host_addresses = host_addresses
@@ -118,9 +120,10 @@ class Execution:
         task = list(r["command"]) if r["agent"] == "command" else [r["task"]]
         self.meter.on_container.append(
             lambda cid: self._on_container(self.run_id, str(self.run_dir), cid))
+        workspace = (recheck_workspace(self.tenant, Path(r["workspace"]))
+                     if r.get("workspace") else None)
         return RunOptions(
-            policy=policy, agent=agent, task=task,
-            workspace=Path(r["workspace"]) if r.get("workspace") else None,
+            policy=policy, agent=agent, task=task, workspace=workspace,
             model=r.get("model"), engine=self._engine,
             runs_dir=self.run_dir.parent, run_id=self.run_id,
             listeners=[self.meter], host_addresses=self._host_addresses,
@@ -138,6 +141,8 @@ class Execution:
             self.result = run.execute()
         except BaseException as exc:  # recorded as the run's end, never lost
             self.error = f"{type(exc).__name__}: {exc}"[:500]
+            if isinstance(exc, Refused):
+                self.error_reason = "workspace_changed"
         finally:
             self.meter.close()
             with contextlib.suppress(Exception):
@@ -147,7 +152,8 @@ class Execution:
         """(status, exit code, exit reason, usage) as the store records them."""
         if self.result is None:
             status = "cancelled" if self._cancelled else "failed"
-            return status, None, "error", self.meter.counters(time.monotonic() - self.started)
+            return (status, None, self.error_reason,
+                    self.meter.counters(time.monotonic() - self.started))
         r = self.result
         usage = self.meter.counters(r.duration_s)
         # The budgets are what the gateway and MCP server charged: the authoritative count.

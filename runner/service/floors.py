@@ -121,3 +121,23 @@ def resolve_workspace(tenant: TenantConfig, value: str | None) -> Path | None:
     if not real.is_dir():
         raise Refused(400, f"workspace: {value!r} is not a directory")
     return real
+
+
+def recheck_workspace(tenant: TenantConfig, accepted: Path) -> Path:
+    """At the run's start: the directory accepted when the run was queued, still itself.
+
+    A run waits in the queue with the real path its workspace had then. Whoever can
+    write under the tenant's root (the tenant, or its own `rw` run going on meanwhile)
+    could put a symlink in place of that directory or of any directory above it, and
+    the mount would follow it out: measured, a queued run read another tenant's
+    workspace this way. A path that no longer resolves to itself, or resolves outside
+    the root, is not mounted. (What is left is the moment between this check and the
+    engine's mount; see docs/security.md.)
+    """
+    root = tenant.workspaces
+    real = Path(os.path.realpath(accepted))
+    if root is None or real != accepted or (real != root and root not in real.parents) \
+            or not real.is_dir():
+        raise Refused(409, f"workspace {accepted.name!r} changed since the run was accepted "
+                      "(a symlink in its path, or it is gone); it is not mounted")
+    return real
