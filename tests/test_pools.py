@@ -382,3 +382,30 @@ def test_a_read_only_workspace_that_grows_while_copied_is_cut_off(tmp_path):
                            ws_mod.CopyLimits(1 << 30, 100_000))
     made = sum(len(files) + len(dirs) for _, dirs, files in os.walk(target))
     assert made <= 2 * ws_mod.POOLED_RO_FILES
+
+
+def _with_memory(policy, memory: str):
+    return policy_from_dict({**policy.model_dump(mode="json"),
+                             "resources": {**policy.resources.model_dump(mode="json"),
+                                           "memory": memory}})
+
+
+def test_what_a_pool_learns_is_bounded(engine):
+    """A shared pool's callers choose the boundaries they ask for: the keys it remembers
+    are capped, forgotten when idle, and none at all with learning off."""
+    policy = load_policy("default")
+    recipes = [recipe_for(_with_memory(policy, f"{m}m")) for m in (200, 210, 220)]
+    # max_total 0: the bookkeeping alone, no sandbox is started.
+    with Pool(get_engine(), max_total=0, max_keys=2) as p:
+        for r in recipes:
+            assert p.claim(r) is None
+        s = p.stats()
+        assert s.keys == 2 and s.missed == 3  # the least recently claimed was forgotten
+    with Pool(get_engine(), max_total=0, max_per_key=0) as p:
+        assert p.claim(recipes[0]) is None
+        assert p.stats().keys == 0 and p.stats().missed == 1
+        p.add(recipes[1], 0)
+        assert p.stats().keys == 1  # an added (fixed) key is kept
+    with Pool(get_engine(), max_total=0, idle=0.0) as p:
+        p.claim(recipes[0])
+        assert wait_for(lambda: p.stats().keys == 0, timeout=15)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -515,6 +516,163 @@ def test_a_runs_events_and_patch_come_from_the_host_that_ran_it(tmp_path: Path) 
                 assert r.status_code == 200 and "+x" in r.text
 
 
+# -- warm pools --------------------------------------------------------------------------
+
+
+def pool_metrics(svc: ServiceProcess) -> dict[str, float]:
+    with svc.client(key=svc.operator_key) as op:
+        text = op.get("/metrics").text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("airlock_pool_"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def wait_warm(svc: ServiceProcess, count: int = 1, timeout: float = 90) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = pool_metrics(svc)
+        if m.get("airlock_pool_warm", 0) >= count:
+            return m
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the pool has {m} after {timeout} s: {svc.log()}")
+        time.sleep(0.2)
+
+
+def run_events(svc: ServiceProcess, client: httpx.Client, run_id: str) -> list[dict[str, Any]]:
+    info = svc.wait(client, run_id)
+    assert info["status"] == "succeeded", info
+    r = client.get(f"/v1/runs/{run_id}/events", params={"format": "jsonl"})
+    return [json.loads(line) for line in r.text.splitlines()]
+
+
+def output_of(events: list[dict[str, Any]]) -> str:
+    return "".join(e["data"].get("text", "") for e in events if e["type"] == "agent.output")
+
+
+def sandbox_event(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's sandbox.created (cold) or sandbox.claimed (from the pool)."""
+    found = [e for e in events if e["type"] in ("sandbox.created", "sandbox.claimed")]
+    assert len(found) == 1, [e["type"] for e in events]
+    return found[0]
+
+
+def pooled_containers(engine: Any, svc: ServiceProcess) -> list[Any]:
+    """This service's pooled containers (any state): the pool label and its owner label."""
+    assert svc.proc is not None
+    mine = f"{socket.gethostname()}:{svc.proc.pid}:"
+    return [c for c in engine.containers.list(all=True, filters={"label": "airlock.pool"})
+            if c.labels.get("airlock.owner", "").startswith(mine)]
+
+
+def test_tenants_share_the_pool_and_see_nothing_of_each_other(tmp_path: Path,
+                                                              engine: Any) -> None:
+    from runner.policy.loader import load_policy
+
+    secret = "pool-secret-" + os.urandom(8).hex()
+    acme_floor = floor_file(tmp_path, "floor-acme", "extends: default\nenv:\n  allow: [POOLTEST_A]\n")
+    svc = ServiceProcess(tmp_path, capacity=2, env={"POOLTEST_A": secret}, tenants={
+        "acme": {"floor": acme_floor}, "globex": {"floor": "default"}},
+        extra={"pools": {"max_total": 2, "learned": {"per_boundary": 1}}})
+    writes = ('echo "A=$POOLTEST_A"; echo a > /tmp/mark-a && echo a > "$HOME/mark-a" '
+              '&& echo wrote')
+    looks = ('env; for f in /tmp/mark-a "$HOME/mark-a"; do '
+             'if [ -e "$f" ]; then echo "SEEN $f"; else echo "ABSENT $f"; fi; done')
+    with svc, svc.client("acme") as acme, svc.client("globex") as globex:
+        first = run_events(svc, acme, acme.post("/v1/runs", json={
+            "command": ["echo", "first"]}).json()["id"])
+        assert sandbox_event(first)["type"] == "sandbox.created"  # nothing learned yet: cold
+        wait_warm(svc)
+        a = run_events(svc, acme, acme.post("/v1/runs", json={
+            "command": ["sh", "-c", writes]}).json()["id"])
+        claimed_a = sandbox_event(a)
+        assert claimed_a["type"] == "sandbox.claimed", claimed_a
+        assert f"A={secret}" in output_of(a) and "wrote" in output_of(a)  # delivered at claim
+
+        # globex never ran before: the sandbox it gets was warmed for acme's boundary.
+        m = wait_warm(svc)
+        assert m["airlock_pool_memory_bound_bytes"] == (
+            m["airlock_pool_warm"] * load_policy("default").policy.resources.memory)
+        b = run_events(svc, globex, globex.post("/v1/runs", json={
+            "command": ["sh", "-c", looks]}).json()["id"])
+        claimed_b = sandbox_event(b)
+        assert claimed_b["type"] == "sandbox.claimed", claimed_b
+        assert claimed_b["data"]["container"] != claimed_a["data"]["container"]
+        assert claimed_b["data"]["pool"] != claimed_a["data"]["pool"]
+        seen = output_of(b)
+        assert "ABSENT /tmp/mark-a" in seen and "ABSENT /home/airlock/mark-a" in seen, seen
+        assert "SEEN" not in seen and secret not in seen and "POOLTEST" not in seen, seen
+        assert "HOME=/home/airlock" in seen  # the env listing ran
+
+        m = pool_metrics(svc)
+        assert m["airlock_pool_claims_total"] == 2 and m["airlock_pool_misses_total"] == 1, m
+        assert m["airlock_pool_max_sandboxes"] == 2 and m["airlock_pool_boundaries"] == 1, m
+        wait_warm(svc)
+        assert pooled_containers(engine, svc)  # warm ones, this service's
+        code = svc.stop()
+        assert code == 0, svc.log()
+        left = pooled_containers(engine, svc)
+        assert left == [], [(c.name, c.status) for c in left]
+
+
+def test_a_fixed_pool_is_warm_from_the_start_and_learns_nothing(tmp_path: Path) -> None:
+    svc = ServiceProcess(tmp_path, capacity=1, tenants={"acme": {"floor": "default"}},
+                         extra={"pools": {"max_total": 1,
+                                          "fixed": [{"policy": "default", "size": 1}]}})
+    with svc, svc.client("acme") as acme:
+        wait_warm(svc)
+        pooled = run_events(svc, acme, acme.post("/v1/runs", json={
+            "command": ["true"]}).json()["id"])
+        assert sandbox_event(pooled)["type"] == "sandbox.claimed"
+        # A tighter boundary than the fixed one: not pooled, and not learned either.
+        cold = run_events(svc, acme, acme.post("/v1/runs", json={
+            "command": ["true"], "policy": {"resources": {"memory": "256m"}}}).json()["id"])
+        assert sandbox_event(cold)["type"] == "sandbox.created"
+        m = wait_warm(svc)
+        assert m["airlock_pool_claims_total"] == 1 and m["airlock_pool_misses_total"] == 1, m
+        assert m["airlock_pool_boundaries"] == 1 and m["airlock_pool_warm"] == 1, m
+
+
+def test_a_bad_pools_section_is_refused_in_one_line(tmp_path: Path) -> None:
+    from runner.errors import PolicyError
+    from runner.service.config import load_config
+
+    head = "listen: 127.0.0.1:8470\ntenants:\n  acme:\n    api_key_sha256: '" + "a" * 64 + "'\n"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(head + "pools:\n  max_total: 2\n  fixed:\n"
+                   "    - {policy: default, size: 1, agnet: codex}\n")
+    out = subprocess.run([sys.executable, "-m", "runner.cli", "serve", "--config", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"{bad}:8: pools.fixed.0.agnet: unknown key (did you mean 'agent'?); allowed: "
+        "policy, agent, image, workspace, size"], out.stderr
+    cases = {
+        "pools: {max_total: 2, fixed: [{policy: default, size: 3}]}":
+            "7: pools: fixed: the sizes add up to 3, more than max_total (2)",
+        "pools: {learned: {per_boundary: 1}, fixed: [{policy: default, size: 1}]}":
+            "7: pools: give either `learned` or `fixed` sizing, not both",
+        "pools: {max_total: 0}": "7: pools.max_total: Input should be greater than or equal to 1",
+        "pools: {fixed: [{policy: default, size: 1, workspace: copy}]}":
+            "7: pools.fixed.0.policy: its workspace mode is ro, so no run of it has a pooled "
+            "copy workspace",
+        "pools: {fixed: [{policy: strict, agent: builtin, image: base, size: 1}]}":
+            "7: pools.fixed.0: image: only the command agent takes an image",
+    }
+    for text, message in cases.items():
+        bad.write_text(head + "\n\n" + text + "\n")
+        with pytest.raises(PolicyError) as refused:
+            load_config(bad)
+        assert refused.value.problems == [f"{bad}:{message}"], text
+    bad.write_text(head + "pools: {enabled: false, max_total: 3}\n")
+    assert load_config(bad).pools is None
+    bad.write_text(head + "pools: {max_total: 3}\n")
+    pools = load_config(bad).pools
+    assert pools is not None and pools.per_boundary == 2 and pools.fixed == []
+
+
 # -- SIGTERM -----------------------------------------------------------------------------
 
 
@@ -579,6 +737,10 @@ def test_the_readme_config_example_loads_as_written(tmp_path: Path) -> None:
     config = load_config(tmp_path / "airlock.yaml")
     assert config.listen == "127.0.0.1:8470" and config.capacity == 8
     assert config.database == "sqlite:///var/lib/airlock/airlock.db"
+    assert config.pools is not None and config.pools.max_total == 4
+    assert config.pools.per_boundary == 0  # fixed sizing learns nothing
+    assert [(f.agent, f.size) for f in config.pools.fixed] == [("builtin", 2), ("command", 1)]
+    assert config.pools.fixed[0].policy.provider is not None  # acme's floor, as its runs get it
     acme, globex = config.tenants["acme"], config.tenants["globex"]
     assert acme.weight == 2 and acme.quota.tokens_per_day == 5_000_000
     assert acme.floor.process.runtime == "runsc" and acme.floor.provider is not None

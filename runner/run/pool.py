@@ -247,17 +247,21 @@ class Pool:
 
     Sizing per key: a fixed size (`add`), or learned: the claims seen in the last
     `window` seconds, at least one once the key has been asked for, at most
-    `max_per_key`; a learned key unused for `idle` seconds is emptied. Across keys at
-    most `max_total` sandboxes are held (ready or warming): that bounds the memory the
-    pool holds, reported by `stats()` as the sum of their memory limits.
+    `max_per_key` (0: nothing is learned, only added keys are kept); a learned key
+    unused for `idle` seconds is emptied and then forgotten, and at most `max_keys`
+    learned keys are remembered (callers of a shared pool choose the boundaries, and
+    each one remembered is the host's memory). Across keys at most `max_total`
+    sandboxes are held (ready or warming): that bounds the memory the pool holds,
+    reported by `stats()` as the sum of their memory limits.
     """
 
     def __init__(self, engine: Engine, *, max_total: int = 8, max_per_key: int = 4,
-                 window: float = 60.0, idle: float = 900.0,
+                 window: float = 60.0, idle: float = 900.0, max_keys: int = 64,
                  on_error: Callable[[str], None] | None = None) -> None:
         self.engine = engine
         self.max_total = max_total
         self.max_per_key = max_per_key
+        self.max_keys = max_keys
         self.window = window
         self.idle = idle
         self._on_error = on_error
@@ -291,7 +295,10 @@ class Pool:
         with self._cond:
             if self._closed:
                 return None
-            entry = self._entries.setdefault(key, _Entry(recipe))
+            entry = self._entries.get(key) or self._learn(key, recipe, now)
+            if entry is None:
+                self._missed += 1
+                return None
             entry.claims.append(now)
             entry.last_used = now
             while entry.ready:
@@ -308,6 +315,23 @@ class Pool:
         for s in stale:
             s.discard()
         return got
+
+    def _learn(self, key: str, recipe: Recipe, now: float) -> _Entry | None:
+        """A new learned key (the caller holds the lock), if one may be remembered."""
+        if self.max_per_key <= 0:
+            return None
+        learned = [(k, e) for k, e in self._entries.items() if e.fixed is None]
+        if len(learned) >= self.max_keys:
+            # Forget the least recently claimed key that holds nothing; if every one
+            # holds a sandbox, this boundary is not learned (it starts cold).
+            empty = [(e.last_used, k) for k, e in learned if not e.ready and not e.warming]
+            if not empty:
+                return None
+            del self._entries[min(empty)[1]]
+        entry = _Entry(recipe, claims=deque(maxlen=self.max_per_key))
+        entry.last_used = now
+        self._entries[key] = entry
+        return entry
 
     def stats(self) -> PoolStats:
         with self._cond:
@@ -352,10 +376,13 @@ class Pool:
         now = time.monotonic()
         held = sum(len(e.ready) + e.warming for e in self._entries.values())
         best: tuple[int, _Entry] | None = None
-        for entry in self._entries.values():
+        for key, entry in list(self._entries.items()):
             target = self._target(entry, now)
             while len(entry.ready) > target:  # demand fell: give back what is not needed
                 self._retire.append(entry.ready.pop())
+            if entry.fixed is None and target == 0 and not entry.warming:
+                del self._entries[key]  # idle: forgotten, so unused keys cost nothing
+                continue
             if entry.failures >= 3:
                 continue  # a boundary that cannot get warm is not retried in a loop
             gap = target - len(entry.ready) - entry.warming

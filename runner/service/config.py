@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -77,6 +77,58 @@ class Capacity(_Strict):
     runs: int = Field(8, ge=1, le=1024, description="Sandboxes this host runs at once.")
 
 
+class LearnedPools(_Strict):
+    per_boundary: int = Field(2, ge=1, le=64,
+                              description="Most sandboxes kept warm for one boundary.")
+    window: Duration = Field(60.0, description="Demand is the claims seen this long ago or less.")
+    idle: Duration = Field(900.0, description="A boundary not claimed this long is emptied.")
+
+
+class FixedPool(_Strict):
+    policy: str = Field(description="Preset name or policy file: the boundary of runs "
+                        "made at it (a tenant's floor, say), with no policy of their own.")
+    agent: Literal["command", "builtin", "codex", "claude-code"] = "command"
+    image: Literal["base", "builtin", "codex", "claude-code"] | None = Field(
+        None, description="The image of the command agent, as a run's `image` names it.")
+    workspace: Literal["none", "ro", "copy"] = Field(
+        "none", description="Runs without a workspace, or with one of this mode "
+        "(an rw workspace always starts cold).")
+    size: int = Field(ge=1, le=1024, description="Sandboxes kept warm, from the start.")
+
+    @model_validator(mode="after")
+    def _image_for_command(self) -> FixedPool:
+        if self.image is not None and self.agent != "command":
+            raise ValueError("image: only the command agent takes an image")
+        return self
+
+
+class Pools(_Strict):
+    """Warm sandboxes, shared by all tenants: one holds nothing of a tenant until claimed."""
+
+    enabled: bool = True
+    max_total: int = Field(4, ge=1, le=1024,
+                           description="Sandboxes held warm at once, all boundaries together.")
+    learned: LearnedPools | None = Field(
+        None, description="Sizes learned from demand (the default when `fixed` is absent).")
+    fixed: list[FixedPool] | None = Field(
+        None, description="Boundaries kept warm at a fixed size; others start cold.")
+
+    @model_validator(mode="after")
+    def _one_sizing(self) -> Pools:
+        if self.learned is not None and self.fixed is not None:
+            raise ValueError("give either `learned` or `fixed` sizing, not both")
+        if self.fixed is not None:
+            if not self.fixed:
+                raise ValueError("fixed: name at least one boundary (or use `learned`)")
+            total = sum(f.size for f in self.fixed)
+            if total > self.max_total:
+                raise ValueError(f"fixed: the sizes add up to {total}, more than max_total "
+                                 f"({self.max_total})")
+        elif self.learned is None:
+            self.learned = LearnedPools()
+        return self
+
+
 class ServiceConfig(_Strict):
     listen: str = "127.0.0.1:8470"
     database: str | None = Field(None, description="sqlite:///... (default) or postgresql://...")
@@ -85,6 +137,7 @@ class ServiceConfig(_Strict):
     operator_key_sha256: str | None = None
     shutdown_grace: Duration = Field(60.0, description="On SIGTERM, how long running runs may go on.")
     lease_ttl: Duration = Field(30.0, description="A host that misses heartbeats this long is dead.")
+    pools: Pools | None = Field(None, description="Warm pools; absent: every run starts cold.")
     tenants: dict[str, Tenant]
 
     @field_validator("operator_key_sha256", mode="before")
@@ -142,6 +195,27 @@ class TenantConfig:
 
 
 @dataclass
+class FixedPoolConfig:
+    """A fixed pool entry with its policy loaded."""
+
+    policy: Policy
+    policy_ref: str
+    agent: str
+    image: str | None
+    workspace: str
+    size: int
+
+
+@dataclass
+class PoolConfig:
+    max_total: int
+    per_boundary: int  # 0: nothing learned (fixed sizing)
+    window: float
+    idle: float
+    fixed: list[FixedPoolConfig]
+
+
+@dataclass
 class Config:
     path: Path
     listen: str
@@ -152,20 +226,32 @@ class Config:
     shutdown_grace: float
     lease_ttl: float
     tenants: dict[str, TenantConfig]
+    pools: PoolConfig | None = None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, through Optional, list[...] and dict[..., ...]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _allowed(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     current: Any = model
     for part in loc:
-        if current is None or isinstance(part, int):
+        if current is None:
             return []
+        if isinstance(part, int):
+            continue  # a list's item: of the list's item model
         fields = getattr(current, "model_fields", {})
         if part not in fields:
             # a dict's key (a tenant's name): its values are of the dict's value model
             continue
-        annotation = fields[part].annotation
-        args = [annotation, *getattr(annotation, "__args__", ())]
-        current = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        current = _model_in(fields[part].annotation)
     return list(getattr(current, "model_fields", {}))
 
 
@@ -253,6 +339,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                 name=tname, key_sha256=t.api_key_sha256, floor=floor, floor_ref=t.floor,
                 weight=t.weight, quota=t.quota, provider_keys=dict(t.provider_keys),
                 workspaces=workspaces)
+    pools = _pools(model.pools, base, origins, name, out)
     if out:
         raise PolicyError(out)
     runs_dir = _resolve(base, model.runs_dir).resolve()
@@ -260,4 +347,37 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return Config(path=path.resolve(), listen=model.listen, database=database, runs_dir=runs_dir,
                   capacity=model.capacity.runs, operator_key_sha256=model.operator_key_sha256,
                   shutdown_grace=model.shutdown_grace, lease_ttl=model.lease_ttl,
-                  tenants=tenants)
+                  tenants=tenants, pools=pools)
+
+
+def _pools(model: Pools | None, base: Path, origins: dict[tuple[str, ...], tuple[str, int]],
+           name: str, out: list[str]) -> PoolConfig | None:
+    if model is None or not model.enabled:
+        return None
+    fixed: list[FixedPoolConfig] = []
+    for i, entry in enumerate(model.fixed or []):
+        where = origins.get(("pools", "fixed", str(i), "policy"), (name, 1))
+        prefix = f"{where[0]}:{where[1]}: pools.fixed.{i}.policy"
+        ref = entry.policy
+        if "/" in ref or ref.endswith((".yaml", ".yml")):
+            ref = str(_resolve(base, ref))
+        try:
+            policy = load_policy(ref).policy
+        except PolicyError as exc:
+            out.append(f"{prefix}: {entry.policy!r} is not a valid policy:")
+            out.extend(f"  {p}" for p in exc.problems)
+            continue
+        mode = policy.filesystem.workspace
+        if entry.workspace != "none" and entry.workspace != mode:
+            out.append(f"{prefix}: its workspace mode is {mode}, so no run of it has a "
+                       f"pooled {entry.workspace} workspace")
+            continue
+        fixed.append(FixedPoolConfig(policy=policy, policy_ref=entry.policy, agent=entry.agent,
+                                     image=entry.image, workspace=entry.workspace,
+                                     size=entry.size))
+    learned = model.learned
+    return PoolConfig(max_total=model.max_total,
+                      per_boundary=learned.per_boundary if learned is not None else 0,
+                      window=learned.window if learned is not None else 60.0,
+                      idle=learned.idle if learned is not None else 900.0,
+                      fixed=fixed)

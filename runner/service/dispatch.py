@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.engines.base import Engine
+from runner.run.pool import Pool
 from runner.service.config import Config
 from runner.service.executor import Execution
 from runner.service.store import RunRecord, Store
@@ -37,8 +38,10 @@ def _today() -> Any:
 class Dispatcher:
     def __init__(self, config: Config, store: Store, engine: Engine | None, host_id: str,
                  *, host_addresses: list[str] | None = None, address: str | None = None,
-                 on_end: Callable[[RunRecord | None, Execution], None] | None = None) -> None:
+                 on_end: Callable[[RunRecord | None, Execution], None] | None = None,
+                 pool: Pool | None = None) -> None:
         self.config = config
+        self.pool = pool
         self.store = store
         self.engine = engine
         self.host_id = host_id
@@ -208,7 +211,7 @@ class Dispatcher:
             run_id=record.id, tenant=tenant, request=record.request,
             runs_dir=self.config.runs_dir, engine=self.engine,
             host_addresses=self._host_addresses, tokens_left=tokens_left,
-            on_container=self._started, on_end=self._ended)
+            on_container=self._started, on_end=self._ended, pool=self.pool)
         with self._lock:
             self._local[record.id] = ex
         if record.cancel_requested:

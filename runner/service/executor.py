@@ -21,6 +21,7 @@ from runner.agents import get_agent
 from runner.engines.base import Engine
 from runner.policy.models import Policy
 from runner.run.orchestrator import Run, RunOptions
+from runner.run.pool import SandboxSource
 from runner.run.report import RunResult
 from runner.service.accounting import RunMeter
 from runner.service.config import TenantConfig
@@ -76,7 +77,8 @@ class Execution:
                  runs_dir: Path, engine: Engine | None, host_addresses: list[str],
                  tokens_left: float | None,
                  on_container: Callable[[str, str, str | None], None],
-                 on_end: Callable[[Execution], None]) -> None:
+                 on_end: Callable[[Execution], None],
+                 pool: SandboxSource | None = None) -> None:
         self.run_id = run_id
         self.tenant = tenant
         self.request = dict(request)
@@ -90,6 +92,7 @@ class Execution:
         self._tokens_left = tokens_left
         self._on_container = on_container
         self._on_end = on_end
+        self._pool = pool
         self._run: Run | None = None
         self._cancelled = False
         self._lock = threading.Lock()
@@ -128,6 +131,9 @@ class Execution:
             runs_dir=self.run_dir.parent, run_id=self.run_id,
             listeners=[self.meter], host_addresses=self._host_addresses,
             environ=run_environment(self.tenant),
+            # The host's pool, shared by all tenants: the run's boundary (its tenant's
+            # floor with the run's own tightenings) picks the sandbox it may claim.
+            pool=self._pool,
         )
 
     def _go(self) -> None:

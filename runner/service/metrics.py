@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from runner.service.pools import collect as pool_metrics
 from runner.service.store.base import PEAK_PREFIX
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ class UsageCollector(Collector):
                                 value=self.dispatcher.running)
         yield GaugeMetricFamily("airlock_host_capacity_runs", "Runs this host runs at once.",
                                 value=self.dispatcher.capacity)
+        yield from pool_metrics(self.dispatcher.pool)
 
 
 class Metrics:

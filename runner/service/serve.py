@@ -3,7 +3,8 @@
 SIGTERM (or Ctrl-C) drains: the host takes no new runs (POST answers 503), runs going
 on get `shutdown_grace` to end, then are cancelled; each one's end is recorded before
 the process exits. A second signal cuts the grace short (the runs are still cancelled
-and recorded, never abandoned).
+and recorded, never abandoned). The warm pool, if the config has one, is closed as the
+drain begins: its unclaimed sandboxes are removed (claimed ones end with their runs).
 """
 
 from __future__ import annotations
@@ -93,8 +94,13 @@ def serve(config_path: str) -> int:
                     "%d sandbox object(s) removed, %d log(s) closed",
                     len(settled.ended), len(settled.lost), len(settled.removed),
                     len(settled.logs_closed))
+    pool = None
+    if config.pools is not None:
+        from runner.service.pools import start_pool
+
+        pool = start_pool(config.pools, engine)
     dispatcher = Dispatcher(config, store, engine, host_id, host_addresses=host_addresses(),
-                            address=advertised(config.listen))
+                            address=advertised(config.listen), pool=pool)
     state = ServiceState(config=config, store=store, dispatcher=dispatcher, host_id=host_id)
     app = create_app(state)
 
@@ -102,10 +108,17 @@ def serve(config_path: str) -> int:
     server: Any = None
     hurry = threading.Event()
 
+    def close_pool() -> None:
+        if pool is not None:
+            pool.close()  # no new runs will claim: no warm sandbox is left behind
+
     def drain() -> None:
         grace = config.shutdown_grace
         log.info("draining: no new runs; %d running, %g s to end", dispatcher.running, grace)
+        closing = threading.Thread(target=close_pool, name="airlock-pool-close", daemon=True)
+        closing.start()
         dispatcher.drain(grace, hurry=hurry)
+        closing.join()
         log.info("drained")
         server.should_exit = True
 
@@ -126,6 +139,7 @@ def serve(config_path: str) -> int:
         if not dispatcher.drained:
             hurry.set()
             dispatcher.drain(0)
+        close_pool()
         store.close()
     return 0 if signals["count"] or dispatcher.drained else int(ExitCode.AGENT_FAILED)
 

@@ -110,7 +110,8 @@ def close_log(path: Path, run_id: str, **data: Any) -> bool:
 
 def _containers_in_log(events: list[dict[str, Any]]) -> set[str]:
     return {str(e["data"]["container"]) for e in events
-            if e.get("type") == "sandbox.created" and isinstance(e.get("data"), dict)
+            if e.get("type") in ("sandbox.created", "sandbox.claimed")  # cold, or pooled
+            and isinstance(e.get("data"), dict)
             and e["data"].get("container")}
 
 
