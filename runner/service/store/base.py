@@ -104,7 +104,10 @@ class Store(ABC):
     @abstractmethod
     def list_runs(self, tenant: str, limit: int = 50, cursor: str | None = None,
                   statuses: Iterable[str] | None = None) -> tuple[list[RunRecord], str | None]:
-        """The tenant's runs, newest first, and the cursor of the next page (or None)."""
+        """The tenant's runs, newest first, and the cursor of the next page (or None).
+
+        A listed record's `request` holds only its `agent`: a request is up to 1 MiB,
+        and a page of 1,000 whole ones cost the service ~1.2 GB to answer."""
 
     @abstractmethod
     def claim_next(self, host_id: str, weights: Mapping[str, int],

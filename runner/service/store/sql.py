@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -79,10 +80,18 @@ def _day_bounds(now: float) -> tuple[float, float]:
     return start.timestamp(), (start + timedelta(days=1)).timestamp()
 
 
-def _record(row: Row[Any]) -> RunRecord:
+_AGENT_HEAD = re.compile(r'^\{"agent":"([A-Za-z0-9_-]{1,32})"')
+
+
+def _record(row: Row[Any], summary: bool = False) -> RunRecord:
     m = row._mapping
+    if summary:  # a listing: the agent from the request's head (create_run writes it first)
+        found = _AGENT_HEAD.match(m["request_head"] or "")
+        request: dict[str, Any] = {"agent": found.group(1)} if found else {}
+    else:
+        request = json.loads(m["request"])
     return RunRecord(
-        id=m["id"], tenant=m["tenant"], status=m["status"], request=json.loads(m["request"]),
+        id=m["id"], tenant=m["tenant"], status=m["status"], request=request,
         created_at=m["created_at"], claimed_at=m["claimed_at"], started_at=m["started_at"],
         ended_at=m["ended_at"], host_id=m["host_id"], run_dir=m["run_dir"],
         container=m["container"], exit_code=m["exit_code"], exit_reason=m["exit_reason"],
@@ -289,7 +298,10 @@ class SqlStore(Store):
                   statuses: Iterable[str] | None = None) -> tuple[list[RunRecord], str | None]:
         r = S.runs
         limit = max(1, min(int(limit), 1000))
-        q = select(r).where(r.c.tenant == tenant)
+        # Never the whole request (up to 1 MiB each; measured: 6 lists of 95 such runs at
+        # once took the service from 105 to 834 MB): its head names the agent.
+        head = func.substr(r.c.request, 1, 64).label("request_head")
+        q = select(*[c for c in r.c if c.name != "request"], head).where(r.c.tenant == tenant)
         if statuses is not None:
             q = q.where(r.c.status.in_(list(statuses)))
         with self._tx(write=False) as c:
@@ -301,7 +313,7 @@ class SqlStore(Store):
                 q = q.where(or_(r.c.created_at < at, and_(r.c.created_at == at, r.c.id < cursor)))
             rows = c.execute(q.order_by(r.c.created_at.desc(), r.c.id.desc())
                              .limit(limit + 1)).all()
-        records = [_record(row) for row in rows[:limit]]
+        records = [_record(row, summary=True) for row in rows[:limit]]
         return records, (records[-1].id if len(rows) > limit else None)
 
     def claim_next(self, host_id: str, weights: Mapping[str, int],
