@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Connection,
@@ -313,7 +313,7 @@ class SqlStore(Store):
                 q = q.where(or_(r.c.created_at < at, and_(r.c.created_at == at, r.c.id < cursor)))
             rows = c.execute(q.order_by(r.c.created_at.desc(), r.c.id.desc())
                              .limit(limit + 1)).all()
-        records = [_record(row, summary=True) for row in rows[:limit]]
+        records = [_record(cast("Row[Any]", row), summary=True) for row in rows[:limit]]
         return records, (records[-1].id if len(rows) > limit else None)
 
     def claim_next(self, host_id: str, weights: Mapping[str, int],
