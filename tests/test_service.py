@@ -635,6 +635,39 @@ def test_a_fixed_pool_is_warm_from_the_start_and_learns_nothing(tmp_path: Path) 
         assert m["airlock_pool_boundaries"] == 1 and m["airlock_pool_warm"] == 1, m
 
 
+def test_a_fixed_pool_at_a_floor_serves_two_tenants_their_own_keys(tmp_path: Path) -> None:
+    """A fixed entry names the tenants' floor file and the builtin agent: under gVisor,
+    both tenants' runs claim from it, and each run's gateway carries its own tenant's
+    key (what is per run arrives at the claim, nothing of it at warm-up)."""
+    with ScriptedProvider([{"text": "done", "usage": {"input_tokens": 5, "output_tokens": 1}}],
+                          loop=True) as upstream:
+        floor = strict_floor(tmp_path, upstream.url)
+        env = {"SVC_KEY_A": "sk-tenant-a-" + "a" * 24, "SVC_KEY_B": "sk-tenant-b-" + "b" * 24}
+        svc = ServiceProcess(tmp_path, capacity=2, env=env, tenants={
+            "a": {"floor": floor, "provider_keys": {"ANTHROPIC_API_KEY": "SVC_KEY_A"}},
+            "b": {"floor": floor, "provider_keys": {"ANTHROPIC_API_KEY": "SVC_KEY_B"}},
+        }, extra={"pools": {"max_total": 2, "fixed": [
+            {"policy": floor, "agent": "builtin", "size": 2}]}})
+        with svc:
+            wait_warm(svc, 2, timeout=180)
+            seen: dict[str, set[str | None]] = {}
+            containers = set()
+            for tenant in ("a", "b"):
+                n = len(upstream.requests)
+                with svc.client(tenant) as c:
+                    run_id = c.post("/v1/runs", json={"agent": "builtin", "task": "say done",
+                                                      "model": "default"}).json()["id"]
+                    claimed = sandbox_event(run_events(svc, c, run_id))
+                assert claimed["type"] == "sandbox.claimed", claimed
+                assert claimed["data"]["runtime"] == "runsc"
+                containers.add(claimed["data"]["container"])
+                seen[tenant] = {q.header("x-api-key") for q in upstream.requests[n:]}
+            assert seen == {"a": {env["SVC_KEY_A"]}, "b": {env["SVC_KEY_B"]}}
+            assert len(containers) == 2
+            m = pool_metrics(svc)
+            assert m["airlock_pool_claims_total"] == 2 and m["airlock_pool_misses_total"] == 0
+
+
 def test_a_bad_pools_section_is_refused_in_one_line(tmp_path: Path) -> None:
     from runner.errors import PolicyError
     from runner.service.config import load_config
