@@ -324,6 +324,34 @@ def test_a_copy_mode_runs_patch_is_its_tenants_alone(shared: ServiceProcess) -> 
     assert (shared.root / "ws-acme" / "repo" / "README").read_text() == "hello\n"
 
 
+def test_a_large_patch_is_sent_as_it_is_read(shared: ServiceProcess) -> None:
+    """Before: the patch (up to patch_size, 32 MiB) was read whole per request; 40
+    clients reading a 26 MB patch slowly held the service at +930 MB."""
+    import socket
+
+    assert shared.proc is not None
+    with shared.client("copier") as c:
+        run_id = c.post("/v1/runs", json={"command": ["sh", "-c", (
+            "for i in 1 2 3; do head -c 4000000 /dev/urandom | base64 > /workspace/big$i; done")],
+            "workspace": "repo"}).json()["id"]
+        assert shared.wait(c, run_id)["status"] == "succeeded"
+        whole = c.get(f"/v1/runs/{run_id}/patch")
+        assert whole.status_code == 200 and len(whole.content) > 15 << 20
+        before = _rss_kib(shared.proc.pid)
+        readers = []
+        for _ in range(20):
+            s = socket.create_connection(("127.0.0.1", shared.port), timeout=10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(f"GET /v1/runs/{run_id}/patch HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: Bearer {shared.keys['copier']}\r\n\r\n".encode())
+            readers.append(s)
+        time.sleep(3)
+        grown = _rss_kib(shared.proc.pid) - before
+        for s in readers:
+            s.close()
+        assert grown < 64 << 10, f"{grown} KiB held for 20 slow readers"
+
+
 # -- bad input ---------------------------------------------------------------------------
 
 BILLION_LAUGHS = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
