@@ -696,6 +696,24 @@ def test_a_fixed_pool_at_a_floor_serves_two_tenants_their_own_keys(tmp_path: Pat
             assert m["airlock_pool_claims_total"] == 2 and m["airlock_pool_misses_total"] == 0
 
 
+def test_a_killed_hosts_warm_sandboxes_are_removed_when_it_starts_again(tmp_path: Path,
+                                                                       engine: Any) -> None:
+    pools = {"pools": {"max_total": 1, "fixed": [{"policy": "default", "size": 1}]}}
+    first = ServiceProcess(tmp_path, tenants={"acme": {"floor": "default"}}, extra=pools)
+    with first:
+        wait_warm(first)
+        warm = pooled_containers(engine, first)
+        assert warm
+        first.stop(signal.SIGKILL)
+    assert {c.id for c in pooled_containers(engine, first)} == {c.id for c in warm}  # left
+    again = ServiceProcess(tmp_path, tenants={"acme": {"floor": "default"}})  # no pools now
+    with again:
+        assert pooled_containers(engine, first) == []
+        assert "removed 1 warm sandbox(es) this host's last process left" in again.log()
+    for c in warm:
+        assert not Path(c.labels["airlock.scratch"]).exists()
+
+
 def test_a_bad_pools_section_is_refused_in_one_line(tmp_path: Path) -> None:
     from runner.errors import PolicyError
     from runner.service.config import load_config

@@ -35,7 +35,7 @@ def owner_of(obj: ManagedObject) -> str:
     the run's process; its label names the pool's, which may have handed it on."""
     if obj.scratch:
         scratch = Path(obj.scratch)
-        if scratch.name.startswith(SCRATCH_PREFIX) and scratch.parent == Path(tempfile.gettempdir()):
+        if is_scratch(scratch):
             with contextlib.suppress(OSError):
                 return (scratch / OWNER_FILE).read_text().strip() or obj.owner
     return obj.owner
@@ -65,11 +65,20 @@ def collect(engine: Engine | None, *, include_live: bool = False) -> GcReport:
                 if time.time() - scratch.stat().st_mtime < FRESH_SECONDS:
                     continue
         if include_live or not owner_alive(owner):
-            # A dead run's workspace copy is still mounted: detach it first, or its
-            # memory stays held and the directory cannot go.
-            for mount in dead_mounts:
-                if mount.parent == scratch:
-                    unmount(mount)
-            shutil.rmtree(scratch, ignore_errors=True)
+            remove_scratch(scratch, dead_mounts)
             removed.append(f"directory {scratch}")
     return GcReport(removed, kept)
+
+
+def is_scratch(path: Path) -> bool:
+    """A run's or a pooled sandbox's scratch directory (never anything else to remove)."""
+    return path.name.startswith(SCRATCH_PREFIX) and path.parent == Path(tempfile.gettempdir())
+
+
+def remove_scratch(scratch: Path, mounts: list[Path] | None = None) -> None:
+    # A dead run's workspace copy is still mounted: detach it first, or its memory
+    # stays held and the directory cannot go.
+    for mount in leftover_mounts(SCRATCH_PREFIX) if mounts is None else mounts:
+        if mount.parent == scratch:
+            unmount(mount)
+    shutil.rmtree(scratch, ignore_errors=True)

@@ -15,9 +15,11 @@ of them at most `max_total` sandboxes are held, which bounds the memory the pool
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -26,6 +28,45 @@ from runner.run.pool import Pool, Recipe
 from runner.service.config import FixedPoolConfig, PoolConfig
 
 log = logging.getLogger("airlock.service")
+
+OWNER_FILE = "pool.owner"  # in runs_dir: the process whose pool this host had last
+
+
+def settle_previous(runs_dir: Path, engine: Engine) -> list[str]:
+    """Remove the unclaimed sandboxes of this host's previous process, if it was killed
+    outright (a drain removes them itself), and record this process as the pool's owner.
+
+    Their shims ended with that process (the pool connection is their dead-man switch);
+    the stopped containers and their scratch directories are what is left. Only those
+    whose owner is the recorded process, and certainly dead, are touched: other pools
+    on the same engine are not this host's to judge (`airlock gc` is for them).
+    """
+    from runner.run.gc import is_scratch, owner_of, remove_scratch
+    from runner.run.owner import owner_alive, owner_label
+
+    path = runs_dir / OWNER_FILE
+    try:
+        previous = path.read_text().strip()
+    except OSError:
+        previous = ""
+    removed: list[str] = []
+    if previous and not owner_alive(previous):
+        for obj in engine.managed():
+            if obj.kind != "container" or not obj.run_id.startswith("pool-"):
+                continue
+            if obj.owner != previous or owner_of(obj) != previous:
+                continue  # another process's (a run that claimed it wrote its own)
+            try:
+                engine.remove_object(obj)
+            except Exception as exc:  # the engine is away: `airlock gc` removes it later
+                log.warning("pool: could not remove %s: %s", obj.id[:12], exc)
+                continue
+            if obj.scratch and is_scratch(Path(obj.scratch)):
+                remove_scratch(Path(obj.scratch))
+            removed.append(obj.id[:12])
+    with contextlib.suppress(OSError):
+        path.write_text(owner_label() + "\n")
+    return removed
 
 
 def fixed_recipe(entry: FixedPoolConfig, engine: Engine) -> Recipe:

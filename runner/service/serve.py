@@ -95,9 +95,12 @@ def serve(config_path: str) -> int:
                     len(settled.ended), len(settled.lost), len(settled.removed),
                     len(settled.logs_closed))
     pool = None
-    if config.pools is not None:
-        from runner.service.pools import start_pool
+    from runner.service.pools import settle_previous, start_pool
 
+    left = settle_previous(config.runs_dir, engine)
+    if left:
+        log.warning("removed %d warm sandbox(es) this host's last process left", len(left))
+    if config.pools is not None:
         pool = start_pool(config.pools, engine)
     dispatcher = Dispatcher(config, store, engine, host_id, host_addresses=host_addresses(),
                             address=advertised(config.listen), pool=pool)
