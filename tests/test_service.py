@@ -385,6 +385,8 @@ def test_bad_input_gets_one_line_and_the_right_status(shared: ServiceProcess) ->
          422),
         ({"json": {"command": ["true"], "policy": {"resources": {"wall_time": "9" * 400}}}},
          422),
+        # YAML's non-JSON scalars: before, a TypeError after parsing (500)
+        ({"json": {"command": ["true"], "policy": "resources: !!binary aGk=\n"}}, 400),
         ({"json": {"command": ["x" * (2 << 20)]}}, 413),
     ]
     with shared.client("globex") as c:

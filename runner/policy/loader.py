@@ -7,6 +7,7 @@ then points at the line that caused it, in whichever file of the chain that was.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import hashlib
 import json
@@ -220,10 +221,20 @@ def _to_python(
         return items
     constructor = yaml.SafeLoader("")
     try:
-        return constructor.construct_object(node, deep=True)
+        value = constructor.construct_object(node, deep=True)
     except yaml.YAMLError as exc:
         problems.add((name, node.start_mark.line + 1), f"YAML: {exc}")
         return None
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, datetime.date):  # an unquoted 2026-12-05: the text as written
+        return str(node.value)
+    # !!binary and the like: not JSON, and everything after parsing is JSON (before,
+    # the service answered a policy with `!!binary` 500 and `policy check` a traceback)
+    problems.add((name, node.start_mark.line + 1),
+                 f"{'.'.join(path) or 'the document'}: a {type(value).__name__} value "
+                 "is not a policy value (quote it)")
+    return None
 
 
 def _merge(
