@@ -250,6 +250,23 @@ def test_every_request_needs_the_token(server: dict[str, Any], runs: dict[str, P
     assert bad.returncode == 2 and "no run 'no-such-run'" in bad.stderr, bad.stderr
 
 
+def test_a_huge_request_head_without_the_token_is_cut(server: dict[str, Any]) -> None:
+    """Anyone on the host can connect before the token is checked: the head is capped."""
+    import contextlib
+    import socket
+
+    port = int(server["url"].split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"GET /")
+        sent = 0
+        with contextlib.suppress(OSError):
+            while sent < 64 << 20:
+                s.sendall(b"a" * (1 << 16))
+                sent += 1 << 16
+    assert sent < 4 << 20, "the viewer kept reading a head past 4 MiB"
+    assert httpx.get(server["url"], timeout=10).status_code == 200
+
+
 # -- the page -------------------------------------------------------------------------------------
 
 

@@ -88,9 +88,13 @@ def serve(runs_root: Path, run_id: str | None, *, port: int = 0, browser: bool =
     port = sock.getsockname()[1]
     token = secrets.token_urlsafe(32)
     url = f"http://127.0.0.1:{port}/{token}/" + (f"#/run/{run_id}" if run_id else "")
+    # h11 with its head capped: httptools (uvicorn's pick when installed) reads a request
+    # line or headers without end, and any local user can connect before the token is
+    # checked (measured on the service: one 184 MB URL, +280 MB).
     config = uvicorn.Config(local_app(runs_root, token, port), log_level="warning",
                             access_log=False, lifespan="off", timeout_graceful_shutdown=2,
-                            server_header=False)
+                            server_header=False, http="h11",
+                            h11_max_incomplete_event_size=64 << 10)
     server = uvicorn.Server(config)
     note(f"airlock view: the runs in {runs_root}; Ctrl-C stops")
     echo(url)
