@@ -309,6 +309,80 @@ def test_a_workspace_swapped_for_a_symlink_while_queued_is_not_mounted(
         assert "VICTIM-SECRET" not in log
 
 
+def test_a_pinned_workspace_is_the_directory_checked_whatever_is_swapped_in(
+        tmp_path: Path) -> None:
+    """The check and the mount are one: the mount is of the directory reached without
+    following a symlink, by its descriptor, onto a path nobody else can change."""
+    from runner.service.pin import Moved, Pinned
+
+    root = tmp_path / "root"
+    (root / "team" / "repo").mkdir(parents=True)
+    (root / "team" / "repo" / "mine").write_text("mine\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "secret").write_text("OTHER\n")
+    pinned = Pinned(root, root / "team" / "repo")
+    try:
+        (root / "team" / "repo").rename(root / "team" / "repo.old")
+        (root / "team" / "repo").symlink_to(other)  # swapped after the pin
+        assert sorted(os.listdir(pinned.path)) == ["mine"]
+        assert oct(os.stat(pinned.scratch).st_mode & 0o777) == "0o700"
+        with pytest.raises(Moved):  # and a pin now refuses the symlink
+            Pinned(root, root / "team" / "repo")
+        (root / "team").rename(root / "team2")
+        (root / "team").symlink_to(root / "team2")
+        with pytest.raises(Moved):  # a symlink higher up too
+            Pinned(root, root / "team" / "repo.old")
+    finally:
+        pinned.release()
+    assert not pinned.scratch.exists()
+    assert (root / "team2" / "repo.old" / "mine").read_text() == "mine\n"  # never removed
+
+
+def test_a_sandbox_racing_symlinks_never_gets_another_tenants_workspace(tmp_path: Path) -> None:
+    """Measured before the pin, with only a check before the run: a tenant's own `rw`
+    run exchanging `repo` and a symlink to another tenant's workspace every 0.5 ms
+    (renameat2 RENAME_EXCHANGE) got 2 of 12 runs naming `repo` to mount it."""
+    root = tmp_path / "ws-mallory"
+    (root / "repo").mkdir(parents=True)
+    (root / "repo" / "mine").write_text("mine\n")
+    victim = tmp_path / "ws-victim"
+    victim.mkdir()
+    (victim / "secret").write_text("VICTIM-SECRET\n")
+    (root / "repo.sym").symlink_to(victim)
+    for p in (root, root / "repo", root / "repo" / "mine"):
+        os.chown(p, 1000, 1000)
+    os.lchown(root / "repo.sym", 1000, 1000)
+    rw = floor_file(tmp_path, "rw", "extends: default\nfilesystem: {workspace: rw}\n")
+    swapper = ("import ctypes, os, time\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+               "os.chdir('/workspace')\nend = time.time() + 40\nwhile time.time() < end:\n"
+               "    libc.renameat2(-100, b'repo', -100, b'repo.sym', 2)\n    time.sleep(0.0005)\n")
+    with ServiceProcess(tmp_path / "svc", capacity=3, tenants={
+            "mallory": {"floor": rw, "workspaces": str(root)},
+            "victim": {"floor": "default", "workspaces": str(victim)}}) as svc, \
+            svc.client("mallory") as c:
+        racer = c.post("/v1/runs", json={"command": ["python3", "-c", swapper],
+                                         "workspace": ".",
+                                         "policy": {"filesystem": {"workspace": "rw"}}}).json()
+        assert wait_for(lambda: c.get(f"/v1/runs/{racer['id']}").json()["status"] == "running",
+                        60)
+        time.sleep(1)
+        runs: list[str] = []
+        deadline = time.monotonic() + 30
+        while len(runs) < 10 and time.monotonic() < deadline:
+            r = c.post("/v1/runs", json={"command": ["sh", "-c", "cat /workspace/*"],
+                                         "workspace": "repo"})
+            if r.status_code == 201:
+                runs.append(r.json()["id"])
+        assert len(runs) >= 5
+        for run_id in runs:
+            info = svc.wait(c, run_id)
+            log = c.get(f"/v1/runs/{run_id}/events", params={"format": "jsonl"}).text
+            assert "VICTIM-SECRET" not in log, info
+            assert info["status"] == "succeeded" or info["exit_reason"] == "workspace_changed"
+        c.post(f"/v1/runs/{racer['id']}/cancel")
+
+
 def test_a_copy_mode_runs_patch_is_its_tenants_alone(shared: ServiceProcess) -> None:
     with shared.client("copier") as c, shared.client("acme") as acme:
         run_id = c.post("/v1/runs", json={

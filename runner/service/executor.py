@@ -10,6 +10,7 @@ values of the `env.allow` names its floor permits.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -20,12 +21,16 @@ from typing import Any
 from runner.agents import get_agent
 from runner.engines.base import Engine
 from runner.policy.models import Policy
+from runner.run.guard import check_workspace
 from runner.run.orchestrator import Run, RunOptions
 from runner.run.pool import SandboxSource
 from runner.run.report import RunResult
 from runner.service.accounting import RunMeter
 from runner.service.config import TenantConfig
 from runner.service.floors import Refused, recheck_workspace
+from runner.service.pin import Moved, Pinned
+
+log = logging.getLogger("airlock.service")
 
 # The orchestrator's statuses, as the service's contract names them.
 STATUS = {
@@ -86,6 +91,7 @@ class Execution:
         self.result: RunResult | None = None
         self.error: str | None = None
         self.error_reason = "error"
+        self._pinned: Pinned | None = None
         self._engine = engine
         self._runs_dir = runs_dir
         self._host_addresses = host_addresses
@@ -123,8 +129,12 @@ class Execution:
         task = list(r["command"]) if r["agent"] == "command" else [r["task"]]
         self.meter.on_container.append(
             lambda cid: self._on_container(self.run_id, str(self.run_dir), cid))
-        workspace = (recheck_workspace(self.tenant, Path(r["workspace"]))
-                     if r.get("workspace") else None)
+        workspace = None
+        if r.get("workspace"):
+            accepted = recheck_workspace(self.tenant, Path(r["workspace"]))
+            # The orchestrator checks the pinned path; the tenant's own is checked here.
+            check_workspace(accepted, policy, self._runs_dir, [])
+            workspace = self._pin(accepted)
         return RunOptions(
             policy=policy, agent=agent, task=task, workspace=workspace,
             model=r.get("model"), engine=self._engine,
@@ -135,6 +145,20 @@ class Execution:
             # floor with the run's own tightenings) picks the sandbox it may claim.
             pool=self._pool,
         )
+
+    def _pin(self, accepted: Path) -> Path:
+        root = self.tenant.workspaces
+        assert root is not None  # recheck_workspace refuses a tenant without one
+        try:
+            self._pinned = Pinned(root, accepted)
+        except Moved:
+            raise Refused(409, f"workspace {accepted.name!r} changed since the run was "
+                          "accepted (a symlink in its path); it is not mounted") from None
+        except OSError as exc:  # no bind mounts (not root): the check is what there is
+            log.warning("run %s: the workspace is not pinned (%s); a symlink swapped in "
+                        "between the check and the mount would be followed", self.run_id, exc)
+            return accepted
+        return self._pinned.path
 
     def _go(self) -> None:
         try:
@@ -147,9 +171,12 @@ class Execution:
             self.result = run.execute()
         except BaseException as exc:  # recorded as the run's end, never lost
             self.error = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning("run %s did not run: %s", self.run_id, self.error)
             if isinstance(exc, Refused):
                 self.error_reason = "workspace_changed"
         finally:
+            if self._pinned is not None:
+                self._pinned.release()
             self.meter.close()
             with contextlib.suppress(Exception):
                 self._on_end(self)
