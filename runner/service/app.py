@@ -444,10 +444,17 @@ def create_app(state: ServiceState) -> Any:
         if not path.parent.exists():
             address = await run_in_threadpool(host_address, rec.host_id)
             if address is not None:
-                chunks = [c async for c in relayed(address, f"/v1/runs/{rec.id}/patch",
-                                                   request, {})]
-                if chunks:
-                    return Response(b"".join(chunks), media_type="text/x-diff")
+                # Relayed as it comes, never gathered whole (a patch is up to 32 MiB).
+                upstream = relayed(address, f"/v1/runs/{rec.id}/patch", request, {})
+                first = await anext(upstream, None)
+                if first is not None:
+                    async def rest() -> Any:
+                        yield first
+                        async for chunk in upstream:
+                            yield chunk
+
+                    return StreamingResponse(rest(), media_type="text/x-diff")
+                await upstream.aclose()
         if not path.is_file():
             raise ApiError(404, "the run has no patch (no copy-mode workspace, or no changes)")
         # Sent from the file as the client reads it: a patch is up to patch_size (32 MiB),
