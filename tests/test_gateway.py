@@ -373,6 +373,31 @@ def test_token_budget_trips_after_the_response(harnesses: list[Harness], loop: L
         assert h.of("provider.refused")[0]["counter"] == "tokens"
 
 
+def test_cost_from_the_policy_prices(harnesses: list[Harness], loop: LoopThread,
+                                     sockdir: Path) -> None:
+    script = [{"text": "a", "usage": {"input_tokens": 1000, "output_tokens": 200}}] * 2
+    prices = {"gpt-5": {"input_per_mtok": 1.25, "output_per_mtok": 10.0},
+              "*": {"input_per_mtok": 100.0, "output_per_mtok": 100.0}}
+    with ScriptedProvider(script, api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, openai_policy(up.url, prices=prices))
+        client = h.openai()
+        client.responses.create(model="gpt-5", input="1")
+        client.responses.create(model="mini", input="2")  # no own price: the `*` one
+        reqs = h.of("provider.request")
+        assert [r["cost_usd"] for r in reqs] == [0.00325, 0.12]
+
+
+def test_no_price_means_no_cost(harnesses: list[Harness], loop: LoopThread,
+                                sockdir: Path) -> None:
+    script = [{"text": "a", "usage": {"input_tokens": 1000, "output_tokens": 200}}]
+    prices = {"other": {"input_per_mtok": 1.0, "output_per_mtok": 1.0}}
+    with ScriptedProvider(script, api_key=KEY) as up:
+        h = make(harnesses, loop, sockdir, openai_policy(up.url, prices=prices))
+        h.openai().responses.create(model="gpt-5", input="1")
+        (req,) = h.of("provider.request")
+        assert req["input_tokens"] == 1000 and "cost_usd" not in req
+
+
 def test_missing_credential_fails_at_start(loop: LoopThread, sockdir: Path) -> None:
     provider = anthropic_policy("http://127.0.0.1:9")
     gw = ProviderGateway(provider, sockdir / "x.sock", EventLog(None, "r"), Budgets({}),

@@ -262,3 +262,11 @@ def test_widening_reads_and_serialises():
     assert w.as_dict() == {"key": "resources.memory", "floor": "512m", "candidate": "8g",
                            "why": "more"}
     assert str(w) == "resources.memory: 8g, wider than 512m (more)"
+
+
+def test_prices_must_equal_the_floors():
+    prov = {"backend": "anthropic", "prices": {"*": {"input_per_mtok": 3, "output_per_mtok": 15}}}
+    cheaper = {**prov, "prices": {"*": {"input_per_mtok": 0, "output_per_mtok": 0}}}
+    assert keys(P(provider=prov), P(provider=cheaper)) == ["provider.prices"]
+    assert keys(P(provider=prov), P(provider={"backend": "anthropic"})) == ["provider.prices"]
+    assert keys(P(provider=prov), P(provider=prov)) == []

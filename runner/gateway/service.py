@@ -621,6 +621,11 @@ class ProviderGateway:
         data.update(usage or {"input_tokens": None, "output_tokens": None,
                               "cache_read_tokens": None, "cache_write_tokens": None,
                               "stop_reason": None})
+        cost = self.provider.cost_usd(call.model or call.requested_model,
+                                      data.get("input_tokens"), data.get("output_tokens"),
+                                      data.get("cache_read_tokens"))
+        if cost is not None:
+            data["cost_usd"] = cost
         if request_id:
             data["request_id"] = request_id
         if replay is not None:

@@ -273,6 +273,8 @@ RULES: dict[str, Rule] = {
     "provider.region": _equal,
     "provider.replay_file": _equal,
     "provider.ca_file": _equal,
+    # A tenant's own prices would make its accounting lie: only the floor's.
+    "provider.prices": _equal,
     "budgets.steps": _budget,
     "budgets.requests": _budget,
     "budgets.tokens": _budget,
@@ -297,13 +299,14 @@ def _sub_model(annotation: Any) -> type[BaseModel] | None:
 def leaf_keys(model: type[BaseModel] = Policy, prefix: str = "") -> list[str]:
     """Every dotted key a comparison covers: fields, descending into nested sections.
 
-    A list of models (mcp.servers) is a leaf: its rule compares the items.
+    A list or dict of models (mcp.servers, provider.prices) is a leaf: its rule compares
+    the items.
     """
     out: list[str] = []
     for name, info in model.model_fields.items():
         key = f"{prefix}{name}"
         sub = _sub_model(info.annotation)
-        if sub is not None and getattr(info.annotation, "__origin__", None) is not list:
+        if sub is not None and getattr(info.annotation, "__origin__", None) not in (list, dict):
             out.extend(leaf_keys(sub, f"{key}."))
         else:
             out.append(key)
@@ -317,7 +320,7 @@ def _walk(model: type[BaseModel], prefix: str, f: Any, c: Any, fj: Any,
         fv, cv = getattr(f, name), getattr(c, name)
         fjv, cjv = fj.get(name), cj.get(name)
         sub = _sub_model(info.annotation)
-        if sub is not None and getattr(info.annotation, "__origin__", None) is not list:
+        if sub is not None and getattr(info.annotation, "__origin__", None) not in (list, dict):
             if key == "provider":
                 yield from _provider(sub, f"{key}.", fv, cv, fjv, cjv)
             else:

@@ -338,6 +338,19 @@ Backend = Literal[
 ]
 
 
+MAX_PRICES = 256
+
+
+class ModelPrice(Strict):
+    input_per_mtok: float = Field(..., ge=0, le=1e6, description="USD per million input "
+                                  "tokens (cache writes included).")
+    output_per_mtok: float = Field(..., ge=0, le=1e6, description="USD per million output "
+                                   "tokens.")
+    cached_input_per_mtok: float | None = Field(
+        None, ge=0, le=1e6, description="USD per million input tokens read from the "
+        "provider's cache; unset: the input price.")
+
+
 class ProviderPolicy(Strict):
     backend: Backend
     base_url: str | None = Field(None, description="Upstream URL; each backend has a default.")
@@ -376,6 +389,30 @@ class ProviderPolicy(Strict):
     ca_file: str | None = Field(
         None, description="PEM file of extra certificate authorities to trust for the "
         "provider (a corporate TLS proxy's); the default trust store still applies.")
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=dict, description="Model id (or `*` for any other) to its price, "
+        f"for the cost in events, reports and usage (at most {MAX_PRICES}); a model "
+        "without a price has no cost (unknown, not 0).")
+
+    @field_validator("prices")
+    @classmethod
+    def _prices(cls, v: dict[str, ModelPrice]) -> dict[str, ModelPrice]:
+        if len(v) > MAX_PRICES:
+            raise ValueError(f"at most {MAX_PRICES} prices")
+        return v
+
+    def cost_usd(self, model: str | None, input_tokens: int | None,
+                 output_tokens: int | None, cache_read_tokens: int | None) -> float | None:
+        """The request's cost from `prices`, or None when the model or the usage is unknown."""
+        price = self.prices.get(model or "") or self.prices.get("*")
+        if price is None or (input_tokens is None and output_tokens is None):
+            return None
+        cached = min(cache_read_tokens or 0, input_tokens or 0)
+        rate = price.input_per_mtok if price.cached_input_per_mtok is None \
+            else price.cached_input_per_mtok
+        usd = ((input_tokens or 0) - cached) * price.input_per_mtok + cached * rate \
+            + (output_tokens or 0) * price.output_per_mtok
+        return round(usd / 1e6, 9)
 
     @field_validator("api_key_env")
     @classmethod
