@@ -547,10 +547,13 @@ def cli_main() -> None:
 
     tidy_help()
     signal.signal(signal.SIGTERM, _terminate)
+    from runner.usage import invoke
+
     try:
-        app()
+        code = invoke(lambda: app(standalone_mode=False))
     except KeyboardInterrupt:
-        sys.exit(130)
+        code = 130
+    sys.exit(code)
 
 
 def main() -> None:

@@ -228,3 +228,27 @@ def test_refused_after_the_run_began_says_why_and_keeps_its_record(
             assert report["exit_code"] == code and expect in report["error"]
             errors[(how, tuple(flags))] = line
     assert len(set(errors.values())) == 1, errors
+
+
+@pytest.mark.parametrize(("argv", "expect"), [
+    (["--bogus", "--", "true"], "airlock: No such option: --bogus; fix: see `airlock run --help`"),
+    ([], "airlock: Missing argument 'TASK'.; fix: see `airlock run --help`"),
+    (["--runtime"], "airlock: Option '--runtime' requires an argument.; fix: see `airlock --help`"),
+], ids=["unknown-flag", "no-task", "flag-without-value"])
+def test_usage_errors_are_one_line_in_process_and_through_the_server(
+        argv: list[str], expect: str, served: serve_tests.Served):
+    # click's own form is a usage block and a box drawn around the message
+    seen = {}
+    for how, extra_env in (("server", {}), ("in-process", {"AIRLOCK_NO_SERVE": "1"})):
+        proc = subprocess.run([*AIRLOCK, "run", *argv], capture_output=True, text=True,
+                              env=served.client_env(**extra_env), cwd=ROOT, timeout=120)
+        assert proc.returncode == 2, (how, proc)
+        assert proc.stdout == "" and proc.stderr == expect + "\n", (how, proc.stderr)
+        seen[how] = proc.stderr
+    assert seen["server"] == seen["in-process"]
+
+
+def test_an_unknown_command_is_one_line(tmp_path: Path):
+    proc = _cli("nosuchcmd", env={"AIRLOCK_RUNS_DIR": str(tmp_path)})
+    assert proc.returncode == 2
+    assert proc.stderr == "airlock: No such command 'nosuchcmd'.; fix: see `airlock --help`\n"

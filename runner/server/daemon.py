@@ -206,7 +206,10 @@ class Worker:
 
     def _invoke(self, args: list[str], prog: str) -> int:
         try:
-            self.command.main(args=["run", *args], prog_name=prog, standalone_mode=True)
+            from runner.usage import invoke
+
+            return invoke(lambda: self.command.main(args=["run", *args], prog_name=prog,
+                                                    standalone_mode=False))
         except SystemExit as exc:
             if exc.code is None or isinstance(exc.code, int):
                 return int(exc.code or 0)
