@@ -40,8 +40,9 @@ def floor_file(root: Path, name: str, body: str) -> str:
     return str(path)
 
 
-def strict_floor(root: Path, provider_url: str = "http://127.0.0.1:9") -> str:
-    return floor_file(root, "floor-strict", f"""\
+def strict_floor(root: Path, provider_url: str = "http://127.0.0.1:9", prices: str = "",
+                 name: str = "floor-strict") -> str:
+    return floor_file(root, name, f"""\
 extends: default
 filesystem:
   workspace: ro
@@ -58,7 +59,7 @@ provider:
   base_url: {provider_url}
   api_key_env: ANTHROPIC_API_KEY
   models: {{default: {MODEL}}}
-budgets: {{steps: 50, requests: 50, tokens: 100000, mcp_calls: 10}}
+{prices}budgets: {{steps: 50, requests: 50, tokens: 100000, mcp_calls: 10}}
 """)
 
 
@@ -549,11 +550,14 @@ def test_each_tenants_provider_key_is_used_for_its_runs_only(tmp_path: Path) -> 
     with ScriptedProvider([{"text": "done", "usage": {"input_tokens": 60_000, "output_tokens": 10}}],
                           loop=True) as upstream:
         floor = strict_floor(tmp_path, upstream.url)
+        # b's floor prices its model: its usage and the operator's metrics carry a cost
+        priced = strict_floor(tmp_path, upstream.url, name="floor-priced", prices=(
+            "  prices: {'*': {input_per_mtok: 3, output_per_mtok: 15}}\n"))
         env = {"SVC_KEY_A": "sk-tenant-a-" + "a" * 24, "SVC_KEY_B": "sk-tenant-b-" + "b" * 24}
         with ServiceProcess(tmp_path, capacity=2, env=env, tenants={
             "a": {"floor": floor, "provider_keys": {"ANTHROPIC_API_KEY": "SVC_KEY_A"},
                   "quota": {"tokens_per_day": 50_000}},
-            "b": {"floor": floor, "provider_keys": {"ANTHROPIC_API_KEY": "SVC_KEY_B"}},
+            "b": {"floor": priced, "provider_keys": {"ANTHROPIC_API_KEY": "SVC_KEY_B"}},
             "c": {"floor": floor},
         }) as svc:
             seen: dict[str, set[str | None]] = {}
@@ -571,9 +575,17 @@ def test_each_tenants_provider_key_is_used_for_its_runs_only(tmp_path: Path) -> 
                     assert info["status"] in want, (info, svc.log())
                     assert info["usage"]["provider_requests"] >= 1
                     assert info["usage"]["tokens"] > 0
+                    if tenant == "b":  # 60k in at $3/M, 10 out at $15/M, per request
+                        want_cost = info["usage"]["provider_requests"] * 0.18015
+                        assert abs(info["usage"]["cost_usd"] - want_cost) < 1e-6, info
+                        assert c.get("/v1/usage").json()["totals"]["cost_usd"] >= want_cost
+                    else:
+                        assert "cost_usd" not in info["usage"]  # no price, no cost (not 0)
                 seen[tenant] = {q.header("x-api-key") for q in upstream.requests[n:]}
             assert seen["a"] == {env["SVC_KEY_A"]}
             assert seen["b"] == {env["SVC_KEY_B"]}
+            with svc.client(key=svc.operator_key) as op:
+                assert 'airlock_tenant_cost_usd_total{tenant="b"}' in op.get("/metrics").text
             # The service's own environment never carries a run's key variable.
             pid = svc.proc.pid if svc.proc else 0
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")

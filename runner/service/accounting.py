@@ -53,6 +53,8 @@ class RunMeter:
                 self.c["output_tokens"] += out
                 self.c["tokens"] += inp + out
                 self.c["provider_bytes"] += _num(d.get("bytes_in")) + _num(d.get("bytes_out"))
+                if "cost_usd" in d:  # only where the policy gives the model a price
+                    self.c["cost_usd"] = self.c.get("cost_usd", 0.0) + _num(d.get("cost_usd"))
         elif t == "mcp.call":
             with self._lock:
                 self.c["mcp_calls"] += 1

@@ -41,6 +41,8 @@ USAGE = {
     "provider_bytes": ("airlock_tenant_provider_bytes_total",
                        "Bytes through the provider gateway."),
     "output_bytes": ("airlock_tenant_output_bytes_total", "Agent stdout and stderr bytes."),
+    "cost_usd": ("airlock_tenant_cost_usd_total",
+                 "Provider cost in USD, from the prices in the tenant's policy (provider.prices)."),
 }
 
 
