@@ -133,7 +133,11 @@ class Execution:
         if r.get("workspace"):
             accepted = recheck_workspace(self.tenant, Path(r["workspace"]))
             # The orchestrator checks the pinned path; the tenant's own is checked here.
-            check_workspace(accepted, policy, self._runs_dir, [])
+            try:
+                check_workspace(accepted, policy, self._runs_dir, [])
+            except OSError as exc:  # a directory swapped for a symlink under the walk
+                raise Refused(409, f"workspace {accepted.name!r} changed while it was being "
+                              f"checked ({exc.strerror}); it is not mounted") from None
             workspace = self._pin(accepted)
         return RunOptions(
             policy=policy, agent=agent, task=task, workspace=workspace,

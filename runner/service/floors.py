@@ -97,6 +97,19 @@ def apply_on_floor(tenant: TenantConfig, policy: dict[str, Any] | str | None) ->
     return candidate
 
 
+def _resolved(path: Path, named: str) -> Path:
+    """realpath, where a path changing under the walk is a refusal, not a crash.
+
+    A directory swapped for a symlink while realpath reads it makes readlink fail with
+    EINVAL (measured: the racing test's own `rw` run got the service to answer 500).
+    """
+    try:
+        return Path(os.path.realpath(path))
+    except OSError as exc:
+        raise Refused(409, f"workspace {named!r} changed while it was being resolved "
+                      f"({exc.strerror}); it is not mounted") from None
+
+
 def resolve_workspace(tenant: TenantConfig, value: str | None) -> Path | None:
     """The real directory a run may mount: under the tenant's root, symlinks resolved."""
     if value is None:
@@ -113,7 +126,7 @@ def resolve_workspace(tenant: TenantConfig, value: str | None) -> Path | None:
     # Resolved before the containment check (a symlink under the root that points out
     # is outside), and the check comes before any question about existence, so a refusal
     # tells nothing about the host's files outside the root.
-    real = Path(os.path.realpath(path))
+    real = _resolved(path, value)
     if real != root and root not in real.parents:
         raise Refused(403, f"workspace: {value!r} is outside tenant {tenant.name}'s workspaces")
     if not real.exists():
@@ -135,7 +148,7 @@ def recheck_workspace(tenant: TenantConfig, accepted: Path) -> Path:
     engine's mount; see docs/security.md.)
     """
     root = tenant.workspaces
-    real = Path(os.path.realpath(accepted))
+    real = _resolved(accepted, accepted.name)
     if root is None or real != accepted or (real != root and root not in real.parents) \
             or not real.is_dir():
         raise Refused(409, f"workspace {accepted.name!r} changed since the run was accepted "
