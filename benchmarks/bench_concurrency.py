@@ -211,12 +211,29 @@ def run_batch(n: int, subject: Callable[[Batch, int], None], own_pids: set[int],
             "alive": len(ids)}
 
 
+SUBJECTS = {"docker": "docker run (baseline)", "cli": "airlock CLI",
+            "serve": "airlock CLI + serve", "api": "Python API (threads)"}
+
+
+def raise_descriptor_limit() -> None:
+    """Hundreds of runs in one process need more than the usual 1,024 descriptors (each
+    run holds its gateway's, MCP's, control's and log's, and the engine connections)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 65536:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--sizes", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--runtime", default="runc")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--subjects", nargs="+", choices=list(SUBJECTS), default=list(SUBJECTS),
+                    help="which starters to measure (density: `--sizes 300 --subjects api`)")
     args = ap.parse_args()
+    raise_descriptor_limit()
     image = ensure_image("base")
     runs_dir = Path(tempfile.mkdtemp(prefix="airlock-bench-runs-"))
     base_env = {**os.environ, "AIRLOCK_RUNS_DIR": str(runs_dir)}
@@ -227,9 +244,8 @@ def main() -> int:
     try:
         with serve(base_env) as (served_env, server_pid):
             for n in args.sizes:
-                for name, kind in (("docker run (baseline)", "docker"), ("airlock CLI", "cli"),
-                                   ("airlock CLI + serve", "serve"),
-                                   ("Python API (threads)", "api")):
+                for kind in args.subjects:
+                    name = SUBJECTS[kind]
                     fn = _subject(kind, image, args.runtime, runs_dir, local_env, served_env)
                     own = {server_pid} if kind == "serve" else {os.getpid()} if kind == "api" \
                         else set()
