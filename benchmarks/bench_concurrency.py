@@ -16,6 +16,13 @@ Subjects: `docker run` (the baseline), `airlock run` CLI processes, the same wit
 `airlock serve`, and the Python API (one process, one thread per run).
 
     .venv/bin/python benchmarks/bench_concurrency.py [--sizes 16 32] [--runtime runc]
+
+Density (issue 14: 300 idle runs on runc, 200 on runsc), with a slow poll so that an
+idle run is idle:
+
+    .venv/bin/python benchmarks/bench_concurrency.py --sizes 300 --subjects docker api --poll 5
+    .venv/bin/python benchmarks/bench_concurrency.py --sizes 200 --runtime runsc \
+        --subjects docker api --poll 5
 """
 
 from __future__ import annotations
@@ -34,7 +41,14 @@ from pathlib import Path
 
 from _common import ROOT, ensure_image, machine, pct, serve, table
 
-SCRIPT = "date +%s%N; until [ -e /workspace/stop ]; do sleep 0.1; done"
+POLL = 0.1
+
+
+def script(poll: float) -> str:
+    # The poll forks `sleep`: under gVisor every fork and exec traps, and 200 sandboxes
+    # polling ten times a second kept two cores busy (load average ~1,000): density runs
+    # poll every few seconds, so that an idle run is idle.
+    return f"date +%s%N; until [ -e /workspace/stop ]; do sleep {poll:g}; done"
 
 
 def mem_available() -> int:
@@ -151,7 +165,7 @@ def process_subject(cmd: list[str], env: dict[str, str]) -> Callable[[Batch, int
     return one
 
 
-def api_subject(runtime: str, runs_dir: Path) -> Callable[[Batch, int], None]:
+def api_subject(runtime: str, runs_dir: Path, cmd: str) -> Callable[[Batch, int], None]:
     from runner import execute
 
     def one(batch: Batch, t0: int) -> None:
@@ -165,7 +179,7 @@ def api_subject(runtime: str, runs_dir: Path) -> Callable[[Batch, int], None]:
                     batch.note_start((stamp - t0) / 1e9)
 
         try:
-            result = execute(["sh", "-c", SCRIPT], agent="command", workspace=batch.work,
+            result = execute(["sh", "-c", cmd], agent="command", workspace=batch.work,
                              policy={"extends": "default", "process": {"runtime": runtime}},
                              runs_dir=runs_dir, on_output=on_output)
             code = result.exit_code
@@ -230,6 +244,8 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--runtime", default="runc")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--poll", type=float, default=POLL,
+                    help="seconds between a run's looks for the stop file (density: 5)")
     ap.add_argument("--subjects", nargs="+", choices=list(SUBJECTS), default=list(SUBJECTS),
                     help="which starters to measure (density: `--sizes 300 --subjects api`)")
     args = ap.parse_args()
@@ -246,7 +262,8 @@ def main() -> int:
             for n in args.sizes:
                 for kind in args.subjects:
                     name = SUBJECTS[kind]
-                    fn = _subject(kind, image, args.runtime, runs_dir, local_env, served_env)
+                    fn = _subject(kind, image, args.runtime, runs_dir, local_env, served_env,
+                                  script(args.poll))
                     own = {server_pid} if kind == "serve" else {os.getpid()} if kind == "api" \
                         else set()
                     r = run_batch(n, fn, own, args.timeout)
@@ -268,9 +285,9 @@ def main() -> int:
 
 
 def _subject(kind: str, image: str, runtime: str, runs_dir: Path, local_env: dict[str, str],
-             served_env: dict[str, str]) -> Callable[[Batch, int], None]:
+             served_env: dict[str, str], cmd: str) -> Callable[[Batch, int], None]:
     if kind == "api":
-        return api_subject(runtime, runs_dir)
+        return api_subject(runtime, runs_dir, cmd)
 
     def make(batch_dir_cmd: Callable[[Path], list[str]], env: dict[str, str]
              ) -> Callable[[Batch, int], None]:
@@ -280,10 +297,10 @@ def _subject(kind: str, image: str, runtime: str, runs_dir: Path, local_env: dic
 
     if kind == "docker":
         return make(lambda w: ["docker", "run", "--rm", "--network", "none", "--runtime",
-                               runtime, "-v", f"{w}:/workspace:ro", image, "sh", "-c", SCRIPT],
+                               runtime, "-v", f"{w}:/workspace:ro", image, "sh", "-c", cmd],
                     local_env)
     cli = [sys.executable, "-m", "runner.cli", "run", "--quiet", "--runtime", runtime]
-    return make(lambda w: [*cli, "--workspace", str(w), "--", "sh", "-c", SCRIPT],
+    return make(lambda w: [*cli, "--workspace", str(w), "--", "sh", "-c", cmd],
                 local_env if kind == "cli" else served_env)
 
 

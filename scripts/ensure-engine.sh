@@ -70,7 +70,8 @@ JSON
 mv "$CONF.tmp" "$CONF"
 
 say "starting dockerd (log: $LOG)"
-nohup dockerd --config-file "$CONF" >"$LOG" 2>&1 &
+# its own session: the engine outlives the shell (and its process group) that set it up
+setsid nohup dockerd --config-file "$CONF" >"$LOG" 2>&1 < /dev/null &
 
 for _ in $(seq 1 60); do
     if engine_answers; then
