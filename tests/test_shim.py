@@ -82,3 +82,16 @@ print(pid, keep.fileno(), os.waitstatus_to_exitcode(status))
     assert kept_fd > 2
     assert not [t for t in lines[2:] if t.startswith("socket:")]  # the shim's socket stayed
     assert os.getcwd() != str(tmp_path)  # only the child interpreter moved
+
+
+def test_the_shim_imports_only_what_its_start_can_afford() -> None:
+    """Under gVisor every module costs the run's start milliseconds (docs/performance.md):
+    the shim and its self-test keep to C cores and leave out the Python layers above."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import shim, selftest; "
+            "print(' '.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(Path(shim.__file__).parent)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    heavy = {"enum", "socket", "selectors", "signal", "threading", "json", "re", "typing",
+             "subprocess", "contextlib", "collections"}
+    assert not heavy & set(out), sorted(heavy & set(out))
+    assert {"_socket", "_signal", "_thread", "marshal"} <= set(out)
