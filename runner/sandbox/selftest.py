@@ -78,9 +78,11 @@ def detect_runtime() -> str:
 
 def _connect_fails(addr: str, port: int) -> tuple[bool, str]:
     family = _socket.AF_INET6 if ":" in addr else _socket.AF_INET
-    s = _socket.socket(family, _socket.SOCK_STREAM)
-    s.settimeout(2)
+    s = None
     try:
+        # Made inside the try: a sandbox with no such family (EAFNOSUPPORT) cannot reach it.
+        s = _socket.socket(family, _socket.SOCK_STREAM)
+        s.settimeout(2)
         s.connect((addr, port))
     except OSError as exc:
         code = exc.errno or 0
@@ -90,13 +92,15 @@ def _connect_fails(addr: str, port: int) -> tuple[bool, str]:
     else:
         return False, "connected"
     finally:
-        s.close()
+        if s is not None:
+            s.close()
 
 
 def _http_answers(port: int) -> tuple[bool, str]:
     # _socket, not socket: see runner/sandbox/shim.py on what the shim imports.
-    s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    s = None
     try:
+        s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
         s.settimeout(5)
         s.connect(("127.0.0.1", port))
         s.sendall(b"GET /airlock/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
@@ -104,7 +108,8 @@ def _http_answers(port: int) -> tuple[bool, str]:
     except OSError as exc:
         return False, str(exc)
     finally:
-        s.close()
+        if s is not None:
+            s.close()
     status = head.split(b"\r\n", 1)[0]
     return status.split(b" ")[1:2] == [b"200"], status.decode("latin-1")
 

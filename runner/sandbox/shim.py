@@ -86,7 +86,9 @@ def _serve_bridge(listener: _socket.socket, path: str) -> None:
             fd, _ = listener._accept()  # type: ignore[attr-defined]  # accept4, CLOEXEC
         except OSError:
             return
-        client = _socket.socket(fileno=fd)
+        # The family and type given, as socket.accept does: no lookups (each a trap
+        # under gVisor), and nothing that could fail and leave the descriptor behind.
+        client = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 0, fd)
         upstream = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             upstream.connect(path)
