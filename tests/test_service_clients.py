@@ -186,7 +186,8 @@ def test_cli_remote_has_local_exit_codes(service: Service) -> None:
     r = remote(service, "remote", "status", "--server", service.url, "nope", key="alk_wrong")
     assert r.returncode == 2 and "401" in r.stderr
     r = remote(service, "remote", "run", "--server", "127.0.0.1:1", "--", "true")
-    assert r.returncode == 3 and "did not answer" in r.stderr
+    assert r.returncode == 3 and "did not answer" in r.stderr and "; fix: check that --server" \
+        in r.stderr, r.stderr
     # A detached run: its events followed, its status, then cancel a long one.
     r = remote(service, "remote", "run", "-d", "--server", service.url, "--", "sh", "-c", "echo detached")
     run_id = r.stdout.strip()

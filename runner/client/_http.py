@@ -110,7 +110,10 @@ def raise_for(resp: httpx.Response) -> None:
 
 def unreachable(base: str, exc: Exception) -> Unavailable:
     return Unavailable(f"the service at {base} did not answer: {type(exc).__name__}: {exc}"
-                       .rstrip(": "))
+                       .rstrip(": "),
+                       hint=f"check that --server (or ${SERVER_ENV}) names a running "
+                       f"`airlock serve --config`; its {base.rstrip('/')}/healthz answers "
+                       "without a key")
 
 
 class EventParser:

@@ -74,7 +74,8 @@ def remote_run(client: Client, task: list[str], *, agent: str = "command",
                 # The stream broke (the service restarting, a proxy's timeout): resume
                 # after the last event seen, for as long as the service may take to return.
                 if time.monotonic() > deadline:
-                    raise Unavailable(f"{exc} (for {RECONNECT_S:.0f} s)") from None
+                    raise Unavailable(f"{exc.message} (for {RECONNECT_S:.0f} s)",
+                                      hint=exc.hint) from None
                 time.sleep(1.0)
         info = client.wait(created.id)
     except KeyboardInterrupt:

@@ -10,8 +10,9 @@ class ServiceError(AirlockError):
 
     status: int | None = None
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, status: int | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
         if status is not None:
             self.status = status
 
