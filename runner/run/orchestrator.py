@@ -203,6 +203,50 @@ class Run:
     # -- the run -----------------------------------------------------------------------
 
     def execute(self) -> RunResult:
+        with self._ctrl_c_ends_the_run():
+            return self._execute()
+
+    @contextlib.contextmanager
+    def _ctrl_c_ends_the_run(self) -> Any:
+        """On the main thread, a first Ctrl-C ends the run as `cancel()` does.
+
+        A KeyboardInterrupt raised wherever the main thread happens to be can land between
+        taking a lock and the `try` that releases it (or inside the engine client's
+        request), and what follows then waits forever: seen in CI, a CLI run still alive
+        30 s after its SIGINT. So the handler only sets an event; a thread of the run's
+        own ends it, the sandbox is killed, and the run ends as `interrupted` through its
+        ordinary path. A second Ctrl-C raises KeyboardInterrupt, as before.
+        """
+        import signal
+
+        if threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield
+            return
+        pressed = threading.Event()
+        over = threading.Event()
+
+        def on_sigint(signum: int, frame: object) -> None:
+            if pressed.is_set():
+                raise KeyboardInterrupt
+            pressed.set()
+
+        def watch() -> None:
+            while not over.is_set():
+                if pressed.wait(0.2):
+                    self._end("interrupted")
+                    return
+
+        watcher = threading.Thread(target=watch, name="airlock-ctrl-c", daemon=True)
+        watcher.start()
+        signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            over.set()
+
+    def _execute(self) -> RunResult:
         t0 = time.monotonic()
         p = self.policy
         agent = self.o.agent
