@@ -11,6 +11,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,14 @@ _HERMETIC = tempfile.mkdtemp(prefix="airlock-tests-")
 os.environ["AIRLOCK_SERVE_SOCKET"] = os.path.join(_HERMETIC, "no-server", "serve.sock")
 os.environ["AIRLOCK_RUNS_DIR"] = os.path.join(_HERMETIC, "runs")
 atexit.register(shutil.rmtree, _HERMETIC, True)
+
+# A suite started in the background by a shell without job control (`cmd &` in a script,
+# `nohup`) inherits SIGINT ignored, and so does every CLI it starts: the Ctrl-C tests'
+# SIGINT then does nothing and the run goes on to its end (seen: a 120 s `sleep` ran out).
+# The CLI rightly keeps an ignored SIGINT ignored; the suite restores the default, which
+# its children get back at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBES = Path(__file__).resolve().parent / "probes"

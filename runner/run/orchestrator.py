@@ -212,10 +212,11 @@ class Run:
 
         A KeyboardInterrupt raised wherever the main thread happens to be can land between
         taking a lock and the `try` that releases it (or inside the engine client's
-        request), and what follows then waits forever: seen in CI, a CLI run still alive
-        30 s after its SIGINT. So the handler only sets an event; a thread of the run's
-        own ends it, the sandbox is killed, and the run ends as `interrupted` through its
-        ordinary path. A second Ctrl-C raises KeyboardInterrupt, as before.
+        request), and what follows may then wait forever. So the handler only sets an
+        event; a thread of the run's own ends it, the sandbox is killed, and the run ends
+        as `interrupted` through its ordinary path. A second Ctrl-C raises
+        KeyboardInterrupt, as before. An ignored SIGINT (`nohup`, `cmd &` in a script)
+        stays ignored.
         """
         import signal
 
