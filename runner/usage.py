@@ -8,12 +8,14 @@ by the in-process CLI and by the per-user server's worker alike.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
 
 
+@functools.cache  # each served run invokes a command: the failed imports once only
 def _errors(attr: str) -> tuple[type[Any], ...]:
     # Newer typer carries its own copy of click (`typer._click`) and its own Abort;
     # older ones use click's.

@@ -233,10 +233,9 @@ class Run:
             pressed.set()
 
         def watch() -> None:
-            while not over.is_set():
-                if pressed.wait(0.2):
-                    self._end("interrupted")
-                    return
+            pressed.wait()  # set by Ctrl-C, or at the run's end with `over`
+            if not over.is_set():
+                self._end("interrupted")
 
         watcher = threading.Thread(target=watch, name="airlock-ctrl-c", daemon=True)
         watcher.start()
@@ -246,6 +245,7 @@ class Run:
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             over.set()
+            pressed.set()  # wakes the watcher, which then ends
 
     def _execute(self) -> RunResult:
         t0 = time.monotonic()
