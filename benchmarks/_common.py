@@ -47,6 +47,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(out)
 
 
+def process_policy(runtime: str) -> dict[str, str]:
+    """The policy's `process` settings for an engine runtime name (runsc-ptrace included)."""
+    if runtime == "runsc-ptrace":
+        return {"runtime": "runsc", "gvisor_platform": "ptrace"}
+    return {"runtime": runtime}
+
+
 def _numeric(text: str) -> bool:
     t = text.replace(",", "").replace("%", "").replace("x", "").replace("+", "").strip()
     try:

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from _common import ROOT, ensure_image, machine, pct, serve, table
+from _common import ROOT, ensure_image, machine, pct, process_policy, serve, table
 
 POLL = 0.1
 
@@ -180,7 +180,7 @@ def api_subject(runtime: str, runs_dir: Path, cmd: str) -> Callable[[Batch, int]
 
         try:
             result = execute(["sh", "-c", cmd], agent="command", workspace=batch.work,
-                             policy={"extends": "default", "process": {"runtime": runtime}},
+                             policy={"extends": "default", "process": process_policy(runtime)},
                              runs_dir=runs_dir, on_output=on_output)
             code = result.exit_code
             if code:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from _common import ROOT, auto_serve, ensure_image, machine, median, pct, table, wait_served
+from _common import ROOT, auto_serve, ensure_image, machine, median, pct, process_policy, table, wait_served
 
 COMMAND = ["date", "+%s%N"]
 
@@ -56,7 +56,7 @@ def timed_api(runtime: str, runs_dir: Path) -> tuple[float, float]:
     from runner import execute
 
     out: list[bytes] = []
-    policy = {"extends": "default", "process": {"runtime": runtime}}
+    policy = {"extends": "default", "process": process_policy(runtime)}
     t0 = time.time_ns()
     result = execute(COMMAND, agent="command", policy=policy, runs_dir=runs_dir,
                      on_output=lambda stream, chunk: out.append(chunk) if stream == "stdout"
@@ -70,7 +70,7 @@ def timed_api(runtime: str, runs_dir: Path) -> tuple[float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("-n", type=int, default=15, help="runs per subject and runtime")
-    ap.add_argument("--runtime", action="append", help="runc, runsc (default: both)")
+    ap.add_argument("--runtime", action="append", help="runc, runsc, runsc-ptrace (default: runc and runsc)")
     ap.add_argument("--no-serve", action="store_true",
                     help="leave out the served CLI (to measure versions without it)")
     args = ap.parse_args()

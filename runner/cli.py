@@ -70,7 +70,7 @@ def run(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON event per line on stdout.", metavar="")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the agent's own output (and, on a refusal, the one line that says why).", metavar="")] = False,
     record: Annotated[Path | None, typer.Option(help="Record provider exchanges to this file.")] = None,
-    runtime: Annotated[str | None, typer.Option(help="runc or runsc (overrides the policy's).")] = None,
+    runtime: Annotated[str | None, typer.Option(help="runc, runsc, or runsc-ptrace (gVisor on its ptrace platform); overrides the policy's.")] = None,
     image: Annotated[str | None, typer.Option(help="Image: an Airlock image (base, dev, codex, ...), a local image, a Dockerfile or a devcontainer.json; the agent is layered on top.")] = None,
     mcp_tool: Annotated[list[str] | None, typer.Option("--mcp-tool", help="module:function exposed as an MCP tool; repeat for more.", metavar="MODULE:FUNC")] = None,
     mcp_server: Annotated[list[str] | None, typer.Option("--mcp-server", help="'CMD ARGS' of an MCP server the host starts; repeat for more.", metavar="'CMD ARGS'")] = None,
@@ -423,7 +423,7 @@ def view(
 @app.command()
 def conformance(
     policy: Annotated[str, typer.Option("--policy", "-p", help="Preset name or file.")] = "strict",
-    runtime: Annotated[str | None, typer.Option(help="runc or runsc (overrides the policy's).")] = None,
+    runtime: Annotated[str | None, typer.Option(help="runc, runsc, or runsc-ptrace (gVisor on its ptrace platform); overrides the policy's.")] = None,
     only: Annotated[list[str] | None, typer.Option("--only", help="Run only attacks whose id starts with this; repeat for more.", metavar="PREFIX")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Results as JSON.", metavar="")] = False,
     pooled: Annotated[bool, typer.Option("--pooled", help="Run the attacks in sandboxes claimed from a warm pool.", metavar="")] = False,

@@ -67,6 +67,7 @@ def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> 
     from runner.engines.docker_engine import connect
     from runner.images.build import SPECS, image_tag
     from runner.images.catalog import load_catalog
+    from runner.policy.compile import GVISOR_PTRACE_RUNTIME
 
     problems = 0
 
@@ -86,26 +87,33 @@ def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> 
         engine = connect()
         info = engine.info()
         ok(f"engine: Docker {info.version} at {info.endpoint}")
-        for rt in ("runc", "runsc"):
-            if rt == "runsc" and rt in info.runtimes:
-                args = set(engine.runtime_args("runsc"))
+        for rt in ("runc", "runsc", GVISOR_PTRACE_RUNTIME):
+            if rt != "runc" and rt in info.runtimes:
+                args = set(engine.runtime_args(rt))
                 missing = [a for a in ("--network=none", "--oci-seccomp") if a not in args]
                 if not args & {"--host-uds=open", "--host-uds=all"}:
                     missing.append("--host-uds=open")
+                if rt == GVISOR_PTRACE_RUNTIME and "--platform=ptrace" not in args:
+                    missing.append("--platform=ptrace")
                 if missing:
-                    bad(f"runtime runsc is registered without {' '.join(missing)} (without "
+                    bad(f"runtime {rt} is registered without {' '.join(missing)} (without "
                         "--oci-seccomp gVisor ignores the seccomp profile)",
-                        "add them to the runsc runtimeArgs in the engine's daemon.json and "
+                        f"add them to the {rt} runtimeArgs in the engine's daemon.json and "
                         "restart the engine")
                 else:
-                    ok("runtime runsc registered with --network=none --host-uds --oci-seccomp")
-                fit, message = gvisor_finding(engine.runtime_path("runsc"))
+                    ok(f"runtime {rt} registered with {' '.join(sorted(args))}")
+                fit, message = gvisor_finding(engine.runtime_path(rt))
                 if fit:
                     ok(message)
                 else:
                     warn(message, GVISOR_FIX)
             elif rt in info.runtimes:
                 ok(f"runtime {rt} registered")
+            elif rt == GVISOR_PTRACE_RUNTIME:
+                # optional: only policies with process.gvisor_platform: ptrace need it
+                echo(f"info  runtime {rt} is not registered (gVisor on its ptrace platform, for "
+                     "hosts that keep many idle runs; register runsc again with "
+                     "--platform=ptrace under that name to use it)")
             else:
                 bad(f"runtime {rt} is not registered with the engine",
                     "install gVisor and register runsc with --network=none --host-uds=open "

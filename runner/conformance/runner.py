@@ -51,7 +51,7 @@ from runner.engines import Engine
 from runner.errors import AirlockError, BadInput, NotReady
 from runner.events.verify import verify_log
 from runner.images.custom import run_image
-from runner.policy.compile import RUN_DIR_IN_SANDBOX
+from runner.policy.compile import GVISOR_PTRACE_RUNTIME, RUN_DIR_IN_SANDBOX
 from runner.policy.loader import policy_from_dict
 from runner.policy.models import Policy
 from runner.run.hostaddrs import host_addresses
@@ -336,8 +336,12 @@ class Suite:
         # (started before the run existed), as pooled runs of the service do.
         self.pooled = pooled
         self.runtime = runtime or policy.process.runtime
+        # runsc-ptrace is the same boundary as runsc (one Sentry); only its platform differs
+        self.platform = policy.process.gvisor_platform
+        if self.runtime == GVISOR_PTRACE_RUNTIME:
+            self.runtime, self.platform = "runsc", "ptrace"
         if self.runtime not in ("runc", "runsc"):
-            raise NotReady(f"unknown runtime {self.runtime!r} (runc, runsc)")
+            raise NotReady(f"unknown runtime {self.runtime!r} (runc, runsc, {GVISOR_PTRACE_RUNTIME})")
         self.weakening = weakening
         self._client = client
 
@@ -353,6 +357,7 @@ class Suite:
         d["extends"] = None
         d["name"] = f"{self.base.name or 'policy'}/conformance-{batch}"
         d["process"]["runtime"] = self.runtime
+        d["process"]["gvisor_platform"] = self.platform
         d["readiness"] = {"selftest": False}
         d["mcp"] = {}
         d["resources"]["wall_time"] = min(self.base.resources.wall_time, MAX_WALL)
@@ -592,7 +597,9 @@ class Suite:
                     "seconds": o.seconds, "error": o.error,
                     "pooled": any(e.get("type") == "sandbox.claimed" for e in o.events)}
                 for b, o in outcomes.items()}
-        return SuiteReport(policy=self.base.name or "policy", runtime=self.runtime,
+        shown = GVISOR_PTRACE_RUNTIME if (self.runtime, self.platform) == ("runsc", "ptrace") \
+            else self.runtime
+        return SuiteReport(policy=self.base.name or "policy", runtime=shown,
                            results=results, duration_s=round(time.monotonic() - t0, 2),
                            runs=runs, weakening=self.weakening.name if self.weakening else None)
 

@@ -17,6 +17,16 @@ from runner.policy.models import SANDBOX_HOME, WORKSPACE_PATH, Policy
 # -S: the shim needs the standard library only; skipping `site` saves a few ms per start.
 SHIM_COMMAND = ["python3", "-I", "-S", "/opt/airlock/airlock_sandbox/shim.py"]
 RUN_DIR_IN_SANDBOX = "/run/airlock"
+# The engine runtime that runs gVisor on its ptrace platform: a second registration of
+# runsc, because an engine passes one fixed set of flags per runtime name.
+GVISOR_PTRACE_RUNTIME = "runsc-ptrace"
+
+
+def engine_runtime(policy: Policy) -> str:
+    """The engine's runtime name for the policy's boundary (runc, runsc, runsc-ptrace)."""
+    if policy.process.runtime == "runsc" and policy.process.gvisor_platform == "ptrace":
+        return GVISOR_PTRACE_RUNTIME
+    return policy.process.runtime
 
 
 @dataclass
@@ -78,7 +88,7 @@ def container_spec(policy: Policy, inputs: SandboxInputs) -> ContainerSpec:
         cap_add=list(policy.process.capabilities),
         no_new_privileges=policy.process.no_new_privileges,
         seccomp_profile=json.dumps(seccomp_profile(policy), separators=(",", ":")),
-        runtime=policy.process.runtime,
+        runtime=engine_runtime(policy),
         memory=res.memory,
         cpus=res.cpus,
         pids=res.pids,

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from runner.agents import get_agent
 from runner.errors import BadInput
 from runner.events.console import Console
+from runner.policy.compile import GVISOR_PTRACE_RUNTIME
 from runner.policy.loader import error_message, load_policy
 from runner.policy.models import McpServerPolicy, Policy, ProviderPolicy
 from runner.run.hostaddrs import host_addresses
@@ -25,7 +26,9 @@ def apply_overrides(policy: Policy, *, provider: str | None, runtime: str | None
                     enable_tools: list[str]) -> Policy:
     """Command-line flags on top of the policy file, validated like the file itself."""
     data = policy.model_dump(mode="json")
-    if runtime:
+    if runtime == GVISOR_PTRACE_RUNTIME:  # the engine's name, as doctor and `docker info` show it
+        data["process"]["runtime"], data["process"]["gvisor_platform"] = "runsc", "ptrace"
+    elif runtime:
         data["process"]["runtime"] = runtime
     if provider:
         if data.get("provider") and data["provider"]["backend"] != provider:

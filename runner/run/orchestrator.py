@@ -27,7 +27,7 @@ from runner.errors import AirlockError, BadInput, ExitCode
 from runner.events import BudgetExceeded, Budgets, Event, EventLog, clip, clip_text
 from runner.events.limits import HostLimits
 from runner.images.custom import run_image
-from runner.policy.compile import RUN_DIR_IN_SANDBOX, SandboxInputs, container_spec
+from runner.policy.compile import RUN_DIR_IN_SANDBOX, SandboxInputs, container_spec, engine_runtime
 from runner.policy.loader import over_preset, policy_digest
 from runner.policy.models import SANDBOX_HOME, WORKSPACE_PATH, Policy, widenings
 from runner.run import workspace as ws_mod
@@ -253,6 +253,8 @@ class Run:
         agent = self.o.agent
         self.log.emit("run.start", "host", agent=agent.name, policy=p.name,
                       policy_digest=policy_digest(p), runtime=p.process.runtime,
+                      **({"gvisor_platform": p.process.gvisor_platform}
+                         if p.process.runtime == "runsc" else {}),
                       network=p.network.mode, workspace_mode=p.filesystem.workspace,
                       task=self.o.task)
         for w in widenings(p):
@@ -336,7 +338,7 @@ class Run:
                 sandbox = warm.sandbox
                 image_digest = sandbox.image_id
                 self.log.emit("sandbox.claimed", "host", container=sandbox.id[:12], image=image,
-                              image_digest=image_digest, runtime=p.process.runtime,
+                              image_digest=image_digest, runtime=engine_runtime(p),
                               pool=warm.pool_id, warm_s=round(time.monotonic() - warm.created, 3))
             else:
                 (run_dir / "shim.cfg").write_bytes(shim_bytes)

@@ -1,0 +1,121 @@
+"""gVisor on its ptrace platform: a policy choice that keeps the runsc boundary.
+
+Under systrap (gVisor's default) an idle sandbox keeps ~4 % of a core busy; ptrace does
+not, at the price of slower system calls. The policy says which; the engine runs it as a
+second registration of runsc ("runsc-ptrace"), since an engine passes one fixed set of
+flags per runtime name. The escape suite runs on it too (test_conformance).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import pytest
+
+from runner.agents import get_agent
+from runner.engines.base import LABEL_RUN
+from runner.errors import BadInput
+from runner.policy.compile import GVISOR_PTRACE_RUNTIME, SandboxInputs, container_spec, engine_runtime
+from runner.policy.floor import widenings_over
+from runner.policy.loader import load_policy, policy_from_dict
+from runner.run.launch import apply_overrides
+from runner.run.orchestrator import Run, RunOptions
+
+
+def _policy(**process: object):
+    base = load_policy("default").policy.model_dump(mode="json")
+    base["process"].update(process)
+    base["extends"] = None
+    return policy_from_dict(base)
+
+
+def test_systrap_is_the_default_and_maps_to_runsc():
+    p = _policy(runtime="runsc")
+    assert p.process.gvisor_platform == "systrap"
+    assert engine_runtime(p) == "runsc"
+
+
+def test_ptrace_maps_to_its_own_engine_runtime_and_seccomp_stays_runscs():
+    p = _policy(runtime="runsc", gvisor_platform="ptrace")
+    spec = container_spec(p, SandboxInputs(image="x", run_id="r", owner="o"))
+    assert spec.runtime == GVISOR_PTRACE_RUNTIME
+    # the Sentry filters under --oci-seccomp on either platform: the same profile as runsc's
+    same = container_spec(_policy(runtime="runsc"), SandboxInputs(image="x", run_id="r", owner="o"))
+    assert spec.seccomp_profile == same.seccomp_profile
+
+
+def test_platform_is_ignored_under_runc():
+    assert engine_runtime(_policy(runtime="runc", gvisor_platform="ptrace")) == "runc"
+
+
+def test_unknown_platform_is_a_precise_error():
+    with pytest.raises(Exception) as info:
+        _policy(runtime="runsc", gvisor_platform="kvm")
+    assert "gvisor_platform" in str(info.value)
+    assert "systrap" in str(info.value) and "ptrace" in str(info.value)
+
+
+def test_runtime_flag_takes_the_engine_name():
+    base = load_policy("default").policy
+    p = apply_overrides(base, provider=None, runtime="runsc-ptrace", mcp_tools=[],
+                        mcp_servers=[], enable_tools=[])
+    assert (p.process.runtime, p.process.gvisor_platform) == ("runsc", "ptrace")
+    with pytest.raises(BadInput, match="--runtime kvm"):
+        apply_overrides(base, provider=None, runtime="kvm", mcp_tools=[], mcp_servers=[],
+                        enable_tools=[])
+
+
+def test_a_floor_demanding_runsc_accepts_either_platform():
+    floor = _policy(runtime="runsc")
+    assert not widenings_over(floor, _policy(runtime="runsc", gvisor_platform="ptrace"))
+    assert [w.key for w in widenings_over(floor, _policy(runtime="runc"))] == ["process.runtime"]
+
+
+# -- against the real engine ---------------------------------------------------------------
+
+
+@pytest.fixture
+def ptrace_engine(engine):
+    if GVISOR_PTRACE_RUNTIME not in engine.info().get("Runtimes", {}):
+        pytest.skip(f"the engine has no runtime {GVISOR_PTRACE_RUNTIME} (`make engine` registers it)")
+    return engine
+
+
+def test_a_run_on_ptrace_is_gvisor_passes_its_selftest_and_says_so(airlock, ptrace_engine):
+    r = airlock("run", "--runtime", "runsc-ptrace", "--", "cat", "/proc/version")
+    assert r.code == 0, r.stdout + r.stderr
+    assert r.report["status"] == "ok"
+    events = r.events()
+    start = next(e for e in events if e["type"] == "run.start")
+    assert (start["runtime"], start["gvisor_platform"]) == ("runsc", "ptrace")
+    sandbox = next(e for e in events if e["type"] in ("sandbox.created", "sandbox.claimed"))
+    assert sandbox["runtime"] == GVISOR_PTRACE_RUNTIME
+    selftest = next(e for e in events if e["type"] == "selftest")
+    assert selftest["ok"] and selftest["runtime"] == "runsc", selftest
+
+
+def test_the_sandbox_runs_on_the_ptrace_platform(ptrace_engine, tmp_path):
+    """Seen from the host: the engine started gVisor's sandbox with --platform=ptrace."""
+    policy = _policy(runtime="runsc", gvisor_platform="ptrace")
+    run = Run(RunOptions(policy=policy, agent=get_agent("command"), task=["sleep", "60"],
+                         runs_dir=tmp_path))
+    runner = threading.Thread(target=run.execute, daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        found: list = []
+        while not found and time.monotonic() < deadline:
+            found = ptrace_engine.containers.list(filters={"label": f"{LABEL_RUN}={run.run_id}"})
+            time.sleep(0.2)
+        assert found, "no sandbox started"
+        assert found[0].attrs["HostConfig"]["Runtime"] == GVISOR_PTRACE_RUNTIME
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        boots = [line for line in ps.splitlines() if " boot " in line and found[0].id in line]
+        assert boots, ps
+        assert all("--platform=ptrace" in line for line in boots), boots
+    finally:
+        run.cancel()
+        runner.join(60)
+    assert not runner.is_alive()
