@@ -20,6 +20,7 @@ BENCHES = {
     "start": ("bench_start.py", [], ["-n", "5"]),
     "gateway": ("bench_gateway.py", [], ["--requests", "100", "--stream-mb", "2"]),
     "concurrency": ("bench_concurrency.py", [], ["--sizes", "4"]),
+    "idle": ("bench_idle.py", [], ["-n", "3", "--window", "10"]),
     "events": ("bench_events.py", [], ["--events", "5000", "--rounds", "3"]),
     "pool": ("bench_pool.py", [], ["-n", "5", "--burst", "8"]),
     "store": ("bench_store.py", [], ["-n", "50"]),
