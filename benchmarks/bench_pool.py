@@ -32,10 +32,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import ROOT, ensure_image, machine, median, pct, serve, table
+from _common import ROOT, ensure_image, machine, median, pct, process_policy, serve, table
 
 COMMAND = ["date", "+%s%N"]
-PRESET = {"runc": "default", "runsc": "strict"}
+PRESET = {"runc": "default", "runsc": "strict", "runsc-ptrace": "strict"}
 
 
 def _stamp(out: bytes) -> int:
@@ -90,7 +90,7 @@ def throughput(policy: object, runs_dir: Path, pool: object, burst: int, threads
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("-n", type=int, default=15, help="runs per subject and runtime")
-    ap.add_argument("--runtime", action="append", help="runc, runsc (default: both)")
+    ap.add_argument("--runtime", action="append", help="runc, runsc, runsc-ptrace (default: runc and runsc)")
     ap.add_argument("--burst", type=int, default=24, help="runs per throughput measurement")
     ap.add_argument("--threads", type=int, default=4, help="concurrent runs for throughput")
     args = ap.parse_args()
@@ -113,8 +113,10 @@ def main() -> int:
         with serve(base_env) as (served_env, _pid):
             for runtime in args.runtime or ["runc", "runsc"]:
                 policy = load_policy(PRESET[runtime])
+                policy = policy.model_copy(update={"process": policy.process.model_copy(
+                    update=process_policy(runtime))})
                 recipe = Recipe(with_agent_tmpfs(policy, get_agent("command")), image)
-                cli = [*airlock, "--policy", PRESET[runtime], "--", *COMMAND]
+                cli = [*airlock, "--policy", PRESET[runtime], "--runtime", runtime, "--", *COMMAND]
                 bare = ["docker", "run", "--rm", "--network", "none", "--runtime", runtime,
                         image, *COMMAND]
                 with Pool(engine, max_total=2) as pool:
@@ -127,7 +129,7 @@ def main() -> int:
                         return timed_api(pol, runs_dir, p)
 
                     def served(c: list[str] = cli, rt: str = runtime) -> tuple[float, float]:
-                        time.sleep(1.5 if rt == "runsc" else 1.0)  # the keeper's refill
+                        time.sleep(1.5 if rt != "runc" else 1.0)  # the keeper's refill
                         return timed_process(c, served_env)
 
                     subjects: list[tuple[str, Callable[[], tuple[float, float]]]] = [
