@@ -18,6 +18,7 @@ import pytest
 from runner.agents import get_agent
 from runner.engines.base import LABEL_RUN
 from runner.errors import BadInput
+from runner.images.build import image_tag
 from runner.policy.compile import GVISOR_PTRACE_RUNTIME, SandboxInputs, container_spec, engine_runtime
 from runner.policy.floor import widenings_over
 from runner.policy.loader import load_policy, policy_from_dict
@@ -130,3 +131,17 @@ def test_the_sandbox_runs_on_the_ptrace_platform(ptrace_engine, tmp_path):
         run.cancel()
         runner.join(60)
     assert not runner.is_alive()
+
+
+def test_an_engine_without_the_runtime_says_how_to_fix_it(engine):
+    """A user's engine that never registered runsc-ptrace: exit 3 with both ways out."""
+    from runner.engines.docker_engine import DockerEngine
+    from runner.errors import NotReady
+
+    spec = container_spec(_policy(runtime="runsc", gvisor_platform="ptrace"),
+                          SandboxInputs(image=image_tag("base"), run_id="r", owner="o"))
+    spec.runtime = "runsc-ptrace-absent"
+    with pytest.raises(NotReady) as info:
+        DockerEngine().create(spec)
+    assert "runsc-ptrace-absent" in str(info.value)
+    assert "make engine" in (info.value.hint or "")

@@ -262,9 +262,11 @@ class DockerEngine(Engine):
         except docker.errors.APIError as exc:
             message = exc.explanation or str(exc)
             if "runtime" in str(message).lower():
+                other = ("process.gvisor_platform: systrap" if spec.runtime == "runsc-ptrace"
+                         else "process.runtime: runc")
                 raise NotReady(f"the engine has no runtime {spec.runtime!r}: {message}",
-                               hint="register it with the engine (see `make engine`) or "
-                               "choose process.runtime: runc") from None
+                               hint=f"register it with the engine (see `make engine`) or "
+                               f"choose {other}") from None
             raise NotReady(f"the engine refused the sandbox: {message}") from None
         return DockerSandbox(self.client, container)
 
