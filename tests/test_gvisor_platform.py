@@ -64,7 +64,7 @@ def test_runtime_flag_takes_the_engine_name():
     p = apply_overrides(base, provider=None, runtime="runsc-ptrace", mcp_tools=[],
                         mcp_servers=[], enable_tools=[])
     assert (p.process.runtime, p.process.gvisor_platform) == ("runsc", "ptrace")
-    with pytest.raises(BadInput, match="--runtime kvm"):
+    with pytest.raises(BadInput, match="--runtime kvm: not one of runc, runsc or runsc-ptrace"):
         apply_overrides(base, provider=None, runtime="kvm", mcp_tools=[], mcp_servers=[],
                         enable_tools=[])
 

@@ -50,7 +50,8 @@ def apply_overrides(policy: Policy, *, provider: str | None, runtime: str | None
         err = exc.errors()[0]
         flag = _FLAG_OF.get(str(err["loc"][0]) if err["loc"] else "", "")
         if err["loc"][:2] == ("process", "runtime"):
-            flag = f"--runtime {runtime}"
+            raise BadInput(f"--runtime {runtime}: not one of runc, runsc or "
+                           f"{GVISOR_PTRACE_RUNTIME}") from None
         elif err["loc"][:1] == ("provider",):
             flag = f"--provider {provider}"
         raise BadInput(f"{flag}: {error_message(err)}" if flag else error_message(err)) from None
