@@ -103,7 +103,8 @@ def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> 
                 else:
                     ok(f"runtime {rt} registered with {' '.join(sorted(args))}")
                 fit, message = gvisor_finding(engine.runtime_path(rt))
-                message = message.replace("runtime runsc ", f"runtime {rt} ", 1)
+                message = message.replace("runtime runsc ", f"runtime {rt} ", 1).replace(
+                    "runsc at ", f"{rt} at ", 1)
                 if fit:
                     ok(message)
                 else:

@@ -145,3 +145,33 @@ def test_an_engine_without_the_runtime_says_how_to_fix_it(engine):
         DockerEngine().create(spec)
     assert "runsc-ptrace-absent" in str(info.value)
     assert "make engine" in (info.value.hint or "")
+
+
+def test_runtime_runsc_means_gvisors_default_platform():
+    ptrace = _policy(runtime="runsc", gvisor_platform="ptrace")
+    p = apply_overrides(ptrace, provider=None, runtime="runsc", mcp_tools=[], mcp_servers=[],
+                        enable_tools=[])
+    assert engine_runtime(p) == "runsc"
+
+
+def test_the_service_binds_the_platform_to_its_floor():
+    """A dense host's operator chose ptrace: a tenant cannot switch its runs back to
+    systrap (each idle one would hold ~2.5 % of a shared core), nor the reverse."""
+    from runner.service.config import Quota, TenantConfig
+    from runner.service.floors import Refused, apply_on_floor
+
+    def tenant_on(floor, ref):
+        return TenantConfig(name=ref, key_sha256="0" * 64, floor=floor, floor_ref=ref, weight=1,
+                            quota=Quota(), provider_keys={}, workspaces=None)
+
+    tenant = tenant_on(_policy(runtime="runsc", gvisor_platform="ptrace"), "dense")
+    assert engine_runtime(apply_on_floor(tenant, None)) == GVISOR_PTRACE_RUNTIME
+    assert engine_runtime(apply_on_floor(tenant, {"resources": {"memory": "256m"}})) \
+        == GVISOR_PTRACE_RUNTIME
+    with pytest.raises(Refused) as info:
+        apply_on_floor(tenant, {"process": {"gvisor_platform": "systrap"}})
+    assert info.value.status == 403 and "process.gvisor_platform" in str(info.value)
+    systrap = tenant_on(_policy(runtime="runc"), "default")
+    with pytest.raises(Refused):
+        apply_on_floor(systrap, {"process": {"runtime": "runsc", "gvisor_platform": "ptrace"}})
+    assert engine_runtime(apply_on_floor(systrap, {"process": {"runtime": "runsc"}})) == "runsc"

@@ -340,6 +340,8 @@ class Suite:
         self.platform = policy.process.gvisor_platform
         if self.runtime == GVISOR_PTRACE_RUNTIME:
             self.runtime, self.platform = "runsc", "ptrace"
+        elif runtime == "runsc":  # the engine names, as --runtime takes them
+            self.platform = "systrap"
         if self.runtime not in ("runc", "runsc"):
             raise NotReady(f"unknown runtime {self.runtime!r} (runc, runsc, {GVISOR_PTRACE_RUNTIME})")
         self.weakening = weakening

@@ -262,7 +262,7 @@ class DockerEngine(Engine):
         except docker.errors.APIError as exc:
             message = exc.explanation or str(exc)
             if "runtime" in str(message).lower():
-                other = ("process.gvisor_platform: systrap" if spec.runtime == "runsc-ptrace"
+                other = ("process.gvisor_platform: systrap" if spec.runtime.endswith("-ptrace")
                          else "process.runtime: runc")
                 raise NotReady(f"the engine has no runtime {spec.runtime!r}: {message}",
                                hint=f"register it with the engine (see `make engine`) or "

@@ -245,8 +245,9 @@ RULES: dict[str, Rule] = {
     "process.seccomp.socket_families": _subset,
     "process.seccomp.default_action": _order("kill", "errno"),
     "process.runtime": _order("runsc", "runc"),
-    # the same Sentry on either platform: a trade of idle CPU (charged to the sandbox's own
-    # cgroup, under its cpus limit) against system-call speed, not of isolation
+    # the same Sentry on either platform: a trade of idle CPU against system-call speed,
+    # not of isolation. The service binds it to its floor's (service/floors.py): a host's
+    # operator, not a tenant, decides what its idle sandboxes cost.
     "process.gvisor_platform": _free,
     "process.no_new_privileges": _must_stay_true,
     "process.init": _free,  # the shim is PID 1 either way (models.py)

@@ -237,7 +237,7 @@ class ProcessPolicy(Strict):
     runtime: Literal["runc", "runsc"] = Field("runc", description="runc, or runsc (gVisor).")
     gvisor_platform: Literal["systrap", "ptrace"] = Field(
         "systrap", description="Under runsc, how gVisor's kernel takes the sandbox's system "
-        "calls: systrap (gVisor's default: the faster calls, but an idle sandbox keeps ~4 % "
+        "calls: systrap (gVisor's default: the faster calls, but an idle sandbox keeps ~2.5 % "
         "of a core busy) or ptrace (slower calls, no idle cost: for hosts that keep hundreds "
         "of mostly idle runs). The same Sentry either way. The engine must register a runtime "
         "runsc-ptrace (`make engine` does). Ignored under runc."

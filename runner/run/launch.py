@@ -28,6 +28,8 @@ def apply_overrides(policy: Policy, *, provider: str | None, runtime: str | None
     data = policy.model_dump(mode="json")
     if runtime == GVISOR_PTRACE_RUNTIME:  # the engine's name, as doctor and `docker info` show it
         data["process"]["runtime"], data["process"]["gvisor_platform"] = "runsc", "ptrace"
+    elif runtime == "runsc":  # the engine's runsc: gVisor's default platform
+        data["process"]["runtime"], data["process"]["gvisor_platform"] = "runsc", "systrap"
     elif runtime:
         data["process"]["runtime"] = runtime
     if provider:

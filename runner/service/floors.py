@@ -72,6 +72,18 @@ def provider_widenings(floor: Policy, candidate: Policy) -> list[Widening]:
     return []
 
 
+def platform_widenings(floor: Policy, candidate: Policy) -> list[Widening]:
+    # The platform is the operator's choice for the host, not the tenant's: systrap's idle
+    # sandboxes each hold ~2.5 % of a core, and on an overcommitted dense host one tenant's
+    # idle runs would slow everyone's; ptrace the other way round slows system calls.
+    if (candidate.process.runtime == "runsc"
+            and candidate.process.gvisor_platform != floor.process.gvisor_platform):
+        return [Widening("process.gvisor_platform", floor.process.gvisor_platform,
+                         candidate.process.gvisor_platform,
+                         "the service runs gVisor on its floor's platform")]
+    return []
+
+
 def apply_on_floor(tenant: TenantConfig, policy: dict[str, Any] | str | None) -> Policy:
     """The run's effective policy, or Refused (400 unreadable, 422 invalid, 403 wider)."""
     if policy is None:
@@ -89,7 +101,8 @@ def apply_on_floor(tenant: TenantConfig, policy: dict[str, Any] | str | None) ->
             else:
                 msgs.append(f"policy.{where}: {str(err['msg']).removeprefix('Value error, ')}")
         raise Refused(422, _one_line("; ".join(msgs))) from None
-    wider = provider_widenings(tenant.floor, candidate) or widenings_over(tenant.floor, candidate)
+    wider = (provider_widenings(tenant.floor, candidate) or widenings_over(tenant.floor, candidate)
+             or platform_widenings(tenant.floor, candidate))
     if wider:
         raise Refused(403, _one_line(
             f"the policy widens tenant {tenant.name}'s floor ({tenant.floor_ref}): "

@@ -241,8 +241,8 @@ class LogIndex:
             self.meters.bump(ts, "mcp_calls", 1)
         elif etype == "run.start" and self.start is None:
             self.start = {k: clip(data.get(k)) for k in
-                          ("agent", "policy", "policy_digest", "runtime", "network",
-                           "workspace_mode") if data.get(k) is not None}
+                          ("agent", "policy", "policy_digest", "runtime", "gvisor_platform",
+                           "network", "workspace_mode") if data.get(k) is not None}
             task = data.get("task")
             if isinstance(task, list) and all(isinstance(t, str) for t in task):
                 task = " ".join(task)
