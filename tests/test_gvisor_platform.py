@@ -1,7 +1,8 @@
 """gVisor on its ptrace platform: a policy choice that keeps the runsc boundary.
 
-Under systrap (gVisor's default) an idle sandbox keeps ~4 % of a core busy; ptrace does
-not, at the price of slower system calls. The policy says which; the engine runs it as a
+Under systrap (gVisor's default) an idle sandbox keeps ~2.5 % of a core busy (its
+fast-path controller wakes every 400 µs); ptrace does not, at the price of slower system
+calls. The policy says which; the engine runs it as a
 second registration of runsc ("runsc-ptrace"), since an engine passes one fixed set of
 flags per runtime name. The escape suite runs on it too (test_conformance).
 """
@@ -175,3 +176,47 @@ def test_the_service_binds_the_platform_to_its_floor():
     with pytest.raises(Refused):
         apply_on_floor(systrap, {"process": {"runtime": "runsc", "gvisor_platform": "ptrace"}})
     assert engine_runtime(apply_on_floor(systrap, {"process": {"runtime": "runsc"}})) == "runsc"
+
+
+def _service_config(tmp_path: Path, *, pools: str = "") -> Path:
+    (tmp_path / "dense.yaml").write_text(
+        "extends: strict\nprocess: {runtime: runsc, gvisor_platform: ptrace}\n")
+    path = tmp_path / "service.yaml"
+    path.write_text("listen: 127.0.0.1:8470\ntenants:\n"
+                    "  acme:\n    api_key_sha256: '" + "a" * 64 + "'\n    floor: dense.yaml\n"
+                    "  zeta:\n    api_key_sha256: '" + "b" * 64 + "'\n    floor: default\n"
+                    + pools)
+    return path
+
+
+def test_the_service_refuses_to_start_without_a_runtime_a_floor_needs(tmp_path):
+    """Found at start, not one refused run at a time: each missing runtime, who needs it,
+    and how to register it (exit 3)."""
+    from runner.errors import NotReady
+    from runner.service.config import load_config
+    from runner.service.preflight import check_runtimes
+
+    config = load_config(_service_config(
+        tmp_path, pools="pools:\n  max_total: 2\n  fixed:\n    - {policy: strict, size: 1}\n"))
+    check_runtimes(config, ("runc", "runsc", GVISOR_PTRACE_RUNTIME))
+    with pytest.raises(NotReady) as info:
+        check_runtimes(config, ("runc", "runsc"))
+    assert info.value.exit_code == 3
+    assert "runsc-ptrace (needed by tenant acme)" in info.value.message
+    assert "zeta" not in info.value.message
+    assert "--platform=ptrace" in (info.value.hint or "")
+    with pytest.raises(NotReady) as info:
+        check_runtimes(config, ("runc",))
+    assert "runsc (needed by pools.fixed strict (command))" in info.value.message
+    assert "--oci-seccomp" in (info.value.hint or "")
+
+
+def test_the_service_starts_with_a_ptrace_floor_on_an_engine_that_has_it(tmp_path, ptrace_engine):
+    from runner.testing.service import ServiceProcess
+
+    floor = tmp_path / "dense.yaml"
+    floor.write_text("extends: strict\nprocess: {runtime: runsc, gvisor_platform: ptrace}\n")
+    svc = ServiceProcess(tmp_path, tenants={"acme": {"floor": str(floor)}})
+    with svc, svc.client("acme") as c:
+        assert c.get("/healthz").status_code == 200
+    assert "no runtime" not in svc.log()

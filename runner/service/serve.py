@@ -87,6 +87,9 @@ def serve(config_path: str) -> int:
     except StoreError as exc:
         raise AirlockError(str(exc)) from None
     engine = connect()  # NotReady (exit 3) when no engine answers
+    from runner.service.preflight import check_runtimes
+
+    check_runtimes(config, engine.info().runtimes)  # NotReady: a tenant's runtime is missing
     host_id = os.environ.get("AIRLOCK_HOST_ID") or default_host_id(config)
     settled = reconcile(store, host_id, engine, config.runs_dir)
     if settled.ended or settled.lost or settled.removed:
