@@ -90,11 +90,7 @@ def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> 
         for rt in ("runc", "runsc", GVISOR_PTRACE_RUNTIME):
             if rt != "runc" and rt in info.runtimes:
                 args = set(engine.runtime_args(rt))
-                missing = [a for a in ("--network=none", "--oci-seccomp") if a not in args]
-                if not args & {"--host-uds=open", "--host-uds=all"}:
-                    missing.append("--host-uds=open")
-                if rt == GVISOR_PTRACE_RUNTIME and "--platform=ptrace" not in args:
-                    missing.append("--platform=ptrace")
+                missing = engine.missing_gvisor_args(rt)
                 if missing:
                     bad(f"runtime {rt} is registered without {' '.join(missing)} (without "
                         "--oci-seccomp gVisor ignores the seccomp profile)",

@@ -198,17 +198,44 @@ def test_the_service_refuses_to_start_without_a_runtime_a_floor_needs(tmp_path):
 
     config = load_config(_service_config(
         tmp_path, pools="pools:\n  max_total: 2\n  fixed:\n    - {policy: strict, size: 1}\n"))
-    check_runtimes(config, ("runc", "runsc", GVISOR_PTRACE_RUNTIME))
+    full = ["--network=none", "--host-uds=open", "--oci-seccomp"]
+    registered = {"runc": [], "runsc": full, GVISOR_PTRACE_RUNTIME: [*full, "--platform=ptrace"]}
+
+    def check(runtimes: dict[str, list[str]]) -> None:
+        def missing(rt: str) -> list[str]:
+            return [a for a in registered[rt] if a not in runtimes[rt]]
+
+        check_runtimes(config, runtimes, missing)
+
+    check(registered)
     with pytest.raises(NotReady) as info:
-        check_runtimes(config, ("runc", "runsc"))
+        check({"runc": [], "runsc": full})
     assert info.value.exit_code == 3
-    assert "runsc-ptrace (needed by tenant acme)" in info.value.message
+    assert "no runtime runsc-ptrace (needed by tenant acme)" in info.value.message
     assert "zeta" not in info.value.message
     assert "--platform=ptrace" in (info.value.hint or "")
     with pytest.raises(NotReady) as info:
-        check_runtimes(config, ("runc",))
+        check({"runc": []})
     assert "runsc (needed by pools.fixed strict (command))" in info.value.message
     assert "--oci-seccomp" in (info.value.hint or "")
+    # registered, but gVisor would ignore the seccomp profile: refused too
+    with pytest.raises(NotReady) as info:
+        check({**registered, GVISOR_PTRACE_RUNTIME: ["--network=none", "--host-uds=open",
+                                                     "--platform=ptrace"]})
+    assert "runsc-ptrace is registered without --oci-seccomp (needed by tenant acme)" \
+        in info.value.message
+
+
+def test_the_engines_gvisor_registrations_have_every_flag_the_boundary_needs(ptrace_engine):
+    """What the service's start check reads of the real engine: `make engine`'s runsc and
+    runsc-ptrace lack nothing."""
+    from runner.engines.docker_engine import DockerEngine
+
+    engine = DockerEngine()
+    assert engine.missing_gvisor_args("runsc") == []
+    assert engine.missing_gvisor_args(GVISOR_PTRACE_RUNTIME) == []
+    assert engine.missing_gvisor_args("runc") == [
+        "--network=none", "--oci-seccomp", "--host-uds=open"]  # registered with no flags: all named
 
 
 def test_the_service_starts_with_a_ptrace_floor_on_an_engine_that_has_it(tmp_path, ptrace_engine):

@@ -203,6 +203,21 @@ class DockerEngine(Engine):
         runtime = (self.client.info().get("Runtimes") or {}).get(name) or {}
         return [str(a) for a in runtime.get("runtimeArgs") or []]
 
+    def missing_gvisor_args(self, name: str) -> list[str]:
+        """The flags a registered gVisor runtime lacks for Airlock's boundary.
+
+        Without --oci-seccomp gVisor ignores the seccomp profile; without --network=none
+        the sandbox gets gVisor's own network stack; without --host-uds the run's sockets
+        cannot be reached; a runtime named *-ptrace must select that platform.
+        """
+        args = set(self.runtime_args(name))
+        missing = [a for a in ("--network=none", "--oci-seccomp") if a not in args]
+        if not args & {"--host-uds=open", "--host-uds=all"}:
+            missing.append("--host-uds=open")
+        if name.endswith("-ptrace") and "--platform=ptrace" not in args:
+            missing.append("--platform=ptrace")
+        return missing
+
     def image_present(self, tag: str) -> bool:
         import docker.errors
 

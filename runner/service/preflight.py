@@ -2,13 +2,14 @@
 
 A tenant's floor fixes the runtime its runs need at the least (a run may narrow runc to
 runsc, never widen), and the floor binds gVisor's platform; a fixed pool entry names its
-own. If the engine has no such runtime, every run of that tenant would be refused one at
-a time by its readiness check; the operator learns it at start instead, with the fix.
+own. If the engine has no such runtime, or registered gVisor without the flags the
+boundary needs, every run of that tenant would be refused one at a time by its readiness
+check; the operator learns it at start instead, with the fix.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from runner.errors import NotReady
 from runner.policy.compile import GVISOR_PTRACE_RUNTIME, engine_runtime
@@ -26,20 +27,29 @@ def needed_runtimes(config: Config) -> dict[str, list[str]]:
     return needed
 
 
-def check_runtimes(config: Config, registered: Iterable[str]) -> None:
-    """NotReady (exit 3) naming each runtime the config needs and the engine lacks."""
+def check_runtimes(config: Config, registered: Iterable[str],
+                   missing_args: Callable[[str], list[str]]) -> None:
+    """NotReady (exit 3) naming each runtime the config needs that the engine lacks or
+    registered without the flags the boundary needs (`missing_args(runtime)`)."""
     have = set(registered)
-    missing = {rt: who for rt, who in needed_runtimes(config).items() if rt not in have}
-    if not missing:
+    absent: list[str] = []
+    weak: list[str] = []
+    hints: list[str] = []
+    for rt, who in sorted(needed_runtimes(config).items()):
+        needers = ", ".join(who)
+        if rt not in have:
+            absent.append(f"{rt} (needed by {needers})")
+            if rt == GVISOR_PTRACE_RUNTIME:
+                hints.append(f"register runsc a second time as {rt} with --network=none "
+                             "--host-uds=open --oci-seccomp --platform=ptrace")
+            elif rt == "runsc":
+                hints.append("install gVisor and register runsc with --network=none "
+                             "--host-uds=open --oci-seccomp")
+        elif rt != "runc" and (lacking := missing_args(rt)):
+            weak.append(f"{rt} is registered without {' '.join(lacking)} (needed by {needers})")
+            hints.append(f"add {' '.join(lacking)} to the {rt} runtimeArgs and restart the engine")
+    if not absent and not weak:
         return
-    lines = "; ".join(f"{rt} (needed by {', '.join(who)})" for rt, who in sorted(missing.items()))
-    hints = []
-    if GVISOR_PTRACE_RUNTIME in missing:
-        hints.append(f"register runsc a second time as {GVISOR_PTRACE_RUNTIME} with "
-                     "--platform=ptrace added to its runtimeArgs")
-    if "runsc" in missing:
-        hints.append("install gVisor and register runsc with --network=none "
-                     "--host-uds=open --oci-seccomp")
+    problems = ([f"the engine has no runtime {'; '.join(absent)}"] if absent else []) + weak
     hints.append("in a checkout `make engine` does this; `airlock doctor` checks it")
-    raise NotReady(f"{config.path}: the engine has no runtime {lines}",
-                   hint="; ".join(hints))
+    raise NotReady(f"{config.path}: {'; '.join(problems)}", hint="; ".join(hints))

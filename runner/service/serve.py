@@ -89,7 +89,7 @@ def serve(config_path: str) -> int:
     engine = connect()  # NotReady (exit 3) when no engine answers
     from runner.service.preflight import check_runtimes
 
-    check_runtimes(config, engine.info().runtimes)  # NotReady: a tenant's runtime is missing
+    check_runtimes(config, engine.info().runtimes, engine.missing_gvisor_args)
     host_id = os.environ.get("AIRLOCK_HOST_ID") or default_host_id(config)
     settled = reconcile(store, host_id, engine, config.runs_dir)
     if settled.ended or settled.lost or settled.removed:
