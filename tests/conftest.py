@@ -159,6 +159,20 @@ def write_policy(tmp_path: Path, text: str, name: str = "policy.yaml") -> str:
     return str(path)
 
 
+def _foreign(labels: dict[str, str]) -> bool:
+    """A sandbox of a process that was running before this suite started and still runs
+    (the user's own per-user server and its pool, say): not the suite's to account for."""
+    from runner.run.owner import _start_time, owner_alive
+
+    owner = labels.get("airlock.owner", "")
+    try:
+        started = int(owner.rsplit(":", 1)[1])
+        ours = int(_start_time(os.getpid()) or 0)
+    except (IndexError, ValueError):
+        return False
+    return started < ours and owner_alive(owner)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """After the suite, nothing labelled by Airlock may remain on the engine."""
     if not engine_available():
@@ -168,7 +182,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     def leftovers() -> list[str]:
         api = docker.from_env(timeout=180).api
         label = {"label": "airlock.managed"}
-        left = [c["Id"][:12] for c in api.containers(all=True, filters=label)]
+        left = [c["Id"][:12] for c in api.containers(all=True, filters=label)
+                if not _foreign(c.get("Labels") or {})]
         left += [n["Id"][:12] for n in api.networks(filters=label)]
         left += [v["Name"] for v in (api.volumes(filters=label) or {}).get("Volumes") or []]
         return left

@@ -178,15 +178,27 @@ def test_the_service_binds_the_platform_to_its_floor():
     assert engine_runtime(apply_on_floor(systrap, {"process": {"runtime": "runsc"}})) == "runsc"
 
 
-def _service_config(tmp_path: Path, *, pools: str = "") -> Path:
+def _service_config(tmp_path: Path, *, pools: str = "", dense: bool = True) -> Path:
     (tmp_path / "dense.yaml").write_text(
         "extends: strict\nprocess: {runtime: runsc, gvisor_platform: ptrace}\n")
     path = tmp_path / "service.yaml"
     path.write_text("listen: 127.0.0.1:8470\ntenants:\n"
-                    "  acme:\n    api_key_sha256: '" + "a" * 64 + "'\n    floor: dense.yaml\n"
-                    "  zeta:\n    api_key_sha256: '" + "b" * 64 + "'\n    floor: default\n"
+                    + ("  acme:\n    api_key_sha256: '" + "a" * 64 + "'\n    floor: dense.yaml\n"
+                       if dense else "")
+                    + "  zeta:\n    api_key_sha256: '" + "b" * 64 + "'\n    floor: default\n"
                     + pools)
     return path
+
+
+_FULL = ["--network=none", "--host-uds=open", "--oci-seccomp"]
+_WHOLE = {"runc": [], "runsc": _FULL, GVISOR_PTRACE_RUNTIME: [*_FULL, "--platform=ptrace"]}
+
+
+def _check(config, runtimes: dict[str, list[str]]) -> list[str]:
+    from runner.engines.gvisor_flags import missing_for_boundary
+    from runner.service.preflight import check_runtimes
+
+    return check_runtimes(config, runtimes, lambda rt: missing_for_boundary(rt, runtimes[rt]))
 
 
 def test_the_service_refuses_to_start_without_a_runtime_a_floor_needs(tmp_path):
@@ -194,36 +206,76 @@ def test_the_service_refuses_to_start_without_a_runtime_a_floor_needs(tmp_path):
     and how to register it (exit 3)."""
     from runner.errors import NotReady
     from runner.service.config import load_config
-    from runner.service.preflight import check_runtimes
 
     config = load_config(_service_config(
         tmp_path, pools="pools:\n  max_total: 2\n  fixed:\n    - {policy: strict, size: 1}\n"))
-    full = ["--network=none", "--host-uds=open", "--oci-seccomp"]
-    registered = {"runc": [], "runsc": full, GVISOR_PTRACE_RUNTIME: [*full, "--platform=ptrace"]}
-
-    def check(runtimes: dict[str, list[str]]) -> None:
-        def missing(rt: str) -> list[str]:
-            return [a for a in registered[rt] if a not in runtimes[rt]]
-
-        check_runtimes(config, runtimes, missing)
-
-    check(registered)
+    assert _check(config, _WHOLE) == []
     with pytest.raises(NotReady) as info:
-        check({"runc": [], "runsc": full})
+        _check(config, {"runc": [], "runsc": _FULL})
     assert info.value.exit_code == 3
-    assert "no runtime runsc-ptrace (needed by tenant acme)" in info.value.message
+    assert "the engine has no runtime runsc-ptrace (needed by tenant acme)" in info.value.message
     assert "zeta" not in info.value.message
     assert "--platform=ptrace" in (info.value.hint or "")
     with pytest.raises(NotReady) as info:
-        check({"runc": []})
-    assert "runsc (needed by pools.fixed strict (command))" in info.value.message
+        _check(config, {"runc": []})
+    assert "no runtime runsc (needed by pools.fixed strict (command))" in info.value.message
+    assert "no runtime runsc-ptrace (needed by tenant acme)" in info.value.message
     assert "--oci-seccomp" in (info.value.hint or "")
-    # registered, but gVisor would ignore the seccomp profile: refused too
+
+
+def test_the_service_refuses_a_gvisor_runtime_registered_without_the_boundarys_flags(tmp_path):
+    from runner.errors import NotReady
+    from runner.service.config import load_config
+
+    config = load_config(_service_config(tmp_path))
+    # the last value wins in runsc's flag parsing: this one runs with no seccomp filter
+    weak = [*_FULL, "--platform=ptrace", "--oci-seccomp=false"]
     with pytest.raises(NotReady) as info:
-        check({**registered, GVISOR_PTRACE_RUNTIME: ["--network=none", "--host-uds=open",
-                                                     "--platform=ptrace"]})
-    assert "runsc-ptrace is registered without --oci-seccomp (needed by tenant acme)" \
+        _check(config, {**_WHOLE, GVISOR_PTRACE_RUNTIME: weak})
+    assert ("the engine's runtime runsc-ptrace is registered without --oci-seccomp "
+            "(reached by tenant acme)") in info.value.message
+    # zeta's floor is runc: its runs may narrow to runsc, so a weak runsc is refused too
+    with pytest.raises(NotReady) as info:
+        _check(config, {**_WHOLE, "runsc": ["--network", "host", "--host-uds=open",
+                                            "--oci-seccomp"]})
+    assert "runsc is registered without --network=none (reached by tenant zeta)" \
         in info.value.message
+
+
+def test_a_runtime_only_a_narrowing_run_could_choose_may_be_absent(tmp_path):
+    from runner.service.config import load_config
+
+    config = load_config(_service_config(tmp_path, dense=False))
+    warnings = _check(config, {"runc": []})
+    assert len(warnings) == 1 and "no runtime runsc: runs of tenant zeta that choose it will " \
+        "be refused" in warnings[0], warnings
+
+
+def test_runsc_flags_are_read_as_runsc_reads_them():
+    from runner.engines.gvisor_flags import effective_flags, missing_for_boundary
+
+    assert effective_flags(["-network", "none", "--oci-seccomp", "-oci-seccomp=False",
+                            "--host-uds=all"]) == {
+        "network": "none", "oci-seccomp": "false", "host-uds": "all"}
+    assert missing_for_boundary("runsc", _FULL) == []
+    assert missing_for_boundary("runsc", [*_FULL, "--network=host"]) == ["--network=none"]
+    assert missing_for_boundary("runsc-ptrace", [*_FULL, "--platform=ptrace",
+                                                 "--platform", "systrap"]) == ["--platform=ptrace"]
+    assert missing_for_boundary("runsc", [*_FULL, "stray"]) == [
+        "readable flags ('stray' is not a flag)"]
+    assert missing_for_boundary("runsc", ["--oci-seccomp=maybe"]) == [
+        "readable flags ('--oci-seccomp=maybe': not a boolean)"]
+
+
+def test_the_service_starts_with_a_ptrace_floor_on_an_engine_that_has_it(tmp_path, ptrace_engine):
+    from runner.testing.service import ServiceProcess
+
+    floor = tmp_path / "dense.yaml"
+    floor.write_text("extends: strict\nprocess: {runtime: runsc, gvisor_platform: ptrace}\n")
+    svc = ServiceProcess(tmp_path, tenants={"acme": {"floor": str(floor)}})
+    with svc, svc.client("acme") as c:
+        assert c.get("/healthz").status_code == 200
+    assert "no runtime" not in svc.log()
 
 
 def test_the_engines_gvisor_registrations_have_every_flag_the_boundary_needs(ptrace_engine):
@@ -238,12 +290,28 @@ def test_the_engines_gvisor_registrations_have_every_flag_the_boundary_needs(ptr
         "--network=none", "--oci-seccomp", "--host-uds=open"]  # registered with no flags: all named
 
 
-def test_the_service_starts_with_a_ptrace_floor_on_an_engine_that_has_it(tmp_path, ptrace_engine):
-    from runner.testing.service import ServiceProcess
+def test_the_engine_refuses_a_sandbox_on_a_weakly_registered_gvisor(ptrace_engine, monkeypatch):
+    """Every front end's sandbox goes through create: a registration that lost
+    --oci-seccomp (as the engine reports it) gets no sandbox, and nothing is created."""
+    from runner.engines import docker_engine
+    from runner.engines.docker_engine import DockerEngine
+    from runner.errors import NotReady
 
-    floor = tmp_path / "dense.yaml"
-    floor.write_text("extends: strict\nprocess: {runtime: runsc, gvisor_platform: ptrace}\n")
-    svc = ServiceProcess(tmp_path, tenants={"acme": {"floor": str(floor)}})
-    with svc, svc.client("acme") as c:
-        assert c.get("/healthz").status_code == 200
-    assert "no runtime" not in svc.log()
+    engine = DockerEngine()
+    real = engine.client.info()
+    weak = {**real, "Runtimes": {**real["Runtimes"], GVISOR_PTRACE_RUNTIME: {
+        **real["Runtimes"][GVISOR_PTRACE_RUNTIME],
+        "runtimeArgs": [*_FULL, "--platform=ptrace", "--oci-seccomp=false"]}}}
+    monkeypatch.setattr(docker_engine, "_GVISOR_CHECKED", {})
+    monkeypatch.setattr(engine.client, "info", lambda: weak)
+    spec = container_spec(_policy(runtime="runsc", gvisor_platform="ptrace"),
+                          SandboxInputs(image=image_tag("base"), run_id="r-weak", owner="o"))
+    with pytest.raises(NotReady) as info:
+        engine.create(spec)
+    assert "runsc-ptrace is registered without --oci-seccomp" in str(info.value)
+    assert ptrace_engine.containers.list(all=True, filters={"label": f"{LABEL_RUN}=r-weak"}) == []
+    # the whole registration passes, and is not read again within the minute
+    monkeypatch.setattr(engine.client, "info", lambda: real)
+    engine._refuse_weak_gvisor(GVISOR_PTRACE_RUNTIME)
+    monkeypatch.setattr(engine.client, "info", lambda: weak)
+    engine._refuse_weak_gvisor(GVISOR_PTRACE_RUNTIME)

@@ -56,8 +56,13 @@ def pool(engine):
         yield p
 
 
-def _pool_containers(docker_client, key: str) -> list:
-    return docker_client.containers.list(all=True, filters={"label": f"{LABEL_POOL}={key[:16]}"})
+def _pool_containers(docker_client, key: str, pid: int | None = None) -> list:
+    """The pooled sandboxes of this boundary made by process `pid` (this one by default):
+    another pool on the same engine (a user's own per-user server) is not the test's."""
+    pid = os.getpid() if pid is None else pid
+    return [c for c in docker_client.containers.list(
+                all=True, filters={"label": f"{LABEL_POOL}={key[:16]}"})
+            if c.labels.get("airlock.owner", "").split(":")[1:2] == [str(pid)]]
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -167,16 +172,18 @@ def test_a_killed_pool_leaves_nothing_after_gc(engine, tmp_path):
     try:
         key = proc.stdout.readline().strip()
         assert key, "the pool did not get warm"
-        assert len([c for c in _pool_containers(engine, key) if c.status == "running"]) == 2
+        assert len([c for c in _pool_containers(engine, key, proc.pid)
+                    if c.status == "running"]) == 2
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     # The pool connection was each shim's dead-man switch: the sandboxes end by themselves.
-    assert wait_for(lambda: all(c.status != "running" for c in _pool_containers(engine, key)), 30)
+    assert wait_for(lambda: all(c.status != "running"
+                                for c in _pool_containers(engine, key, proc.pid)), 30)
     gc = subprocess.run([sys.executable, "-m", "runner.cli", "gc"], capture_output=True,
                         text=True, cwd=root, timeout=120)
     assert gc.returncode == 0, gc.stderr
-    assert _pool_containers(engine, key) == []
+    assert _pool_containers(engine, key, proc.pid) == []
 
 
 @pytest.mark.slow
@@ -212,9 +219,9 @@ def test_airlock_run_through_the_server_claims_from_its_pool(engine, tmp_path):
         assert first.returncode == 0 and first.stdout == "one\n", first.stderr
         keeper_log = served.log.read_text()
         assert "pool: listening" in keeper_log
+        keeper = _keeper_pid(served.log)
         # The first run taught the keeper this boundary; the next one finds it warm.
-        assert wait_for(lambda: any(c.status == "running" for c in engine.containers.list(
-            filters={"label": LABEL_POOL})), 60)
+        assert wait_for(lambda: any(c.status == "running" for c in _of_pid(engine, keeper)), 60)
         second = served.run("--quiet", "--", "sh", "-c", "echo two; echo $AIRLOCK_RUN_ID")
         assert second.returncode == 0 and second.stdout.startswith("two\n"), second.stderr
         assert _pooled_runs(served.runs) == [False, True]
@@ -228,9 +235,8 @@ def test_airlock_run_through_the_server_claims_from_its_pool(engine, tmp_path):
         (proj / "f.txt").write_text("in the workspace\n")
         for boundaries in (1, 2):
             assert wait_for(lambda n=boundaries: len({c.labels[LABEL_POOL] for c in
-                                                      engine.containers.list(
-                                                          filters={"label": LABEL_POOL})}) >= n,
-                            60)
+                                                      _of_pid(engine, keeper)
+                                                      if c.status == "running"}) >= n, 60)
             ws_run = served.run("--quiet", "--workspace", str(proj), "--", "cat",
                                 "/workspace/f.txt")
             assert ws_run.returncode == 0 and ws_run.stdout == "in the workspace\n", \
@@ -239,9 +245,7 @@ def test_airlock_run_through_the_server_claims_from_its_pool(engine, tmp_path):
     finally:
         _stop(served)
     # A server that stops takes its pool's unclaimed sandboxes with it.
-    assert wait_for(lambda: not engine.containers.list(
-        all=True, filters={"label": LABEL_POOL}), 60), engine.containers.list(
-        all=True, filters={"label": LABEL_POOL})
+    assert wait_for(lambda: not _of_pid(engine, keeper), 60), _of_pid(engine, keeper)
 
 
 def _keeper_pid(log: Path) -> int:
@@ -252,7 +256,7 @@ def _keeper_pid(log: Path) -> int:
 
 def _of_pid(engine, pid: int) -> list:
     return [c for c in engine.containers.list(all=True, filters={"label": LABEL_POOL})
-            if c.labels.get("airlock.owner", "").split(":")[1] == str(pid)]
+            if c.labels.get("airlock.owner", "").split(":")[1:2] == [str(pid)]]
 
 
 def test_a_killed_server_leaves_no_pooled_sandbox_after_gc(engine, tmp_path):

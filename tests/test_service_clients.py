@@ -207,6 +207,26 @@ def test_cli_remote_has_local_exit_codes(service: Service) -> None:
     assert r.returncode == 0 and isinstance(json.loads(r.stdout), dict)
 
 
+def test_cli_remote_says_why_a_run_could_not_go_on() -> None:
+    """A run the host ended with an error (a missing runtime, say): the reason and its fix
+    on stderr, as a local run prints them; an agent cannot print a host's error line."""
+    import io
+
+    from runner.client.cli import _print_event
+    from runner.client.models import RunEvent
+
+    def printed(source: str) -> str:
+        out, err = io.StringIO(), io.StringIO()
+        event = RunEvent(seq=3, ts=0.0, run_id="r", type="run.error", source=source,
+                         data={"error": "the engine has no runtime 'runsc'; fix: register it"})
+        _print_event(event, False, out, err)
+        assert out.getvalue() == ""
+        return err.getvalue()
+
+    assert printed("host") == "airlock: the engine has no runtime 'runsc'; fix: register it\n"
+    assert printed("agent") == ""
+
+
 def test_quota_is_a_typed_429(tmp_path: Path, database_url: str) -> None:
     svc = make_service(tmp_path, database_url, capacity=1,
                        quota="{concurrent: 1, queued: 1}").start()

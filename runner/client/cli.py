@@ -38,6 +38,11 @@ def _print_event(event: RunEvent, json_out: bool, out: TextIO, err: TextIO) -> N
         stream = err if event.data.get("stream") == "stderr" else out
         stream.write(str(event.data.get("text", "")))
         stream.flush()
+    elif event.type == "run.error" and event.trusted:
+        # Why the run could not go on (a missing runtime, an unbuilt image) and its fix:
+        # the end line alone says only "error", as a local run's stderr would not.
+        err.write(f"airlock: {str(event.data.get('error', ''))[:2000]}\n")
+        err.flush()
 
 
 def _end_line(info: RunInfo) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -176,6 +177,11 @@ class DockerSandbox(Sandbox):
             self._response = None
 
 
+# (engine endpoint, runtime) -> when its registration was last found whole
+_GVISOR_CHECKED: dict[tuple[str, str], float] = {}
+_GVISOR_RECHECK = 60.0
+
+
 class DockerEngine(Engine):
     name = "docker"
 
@@ -204,19 +210,36 @@ class DockerEngine(Engine):
         return [str(a) for a in runtime.get("runtimeArgs") or []]
 
     def missing_gvisor_args(self, name: str) -> list[str]:
-        """The flags a registered gVisor runtime lacks for Airlock's boundary.
+        """The flags a registered gVisor runtime lacks for Airlock's boundary, read as
+        runsc reads them (runner/engines/gvisor_flags.py)."""
+        from runner.engines.gvisor_flags import missing_for_boundary
 
-        Without --oci-seccomp gVisor ignores the seccomp profile; without --network=none
-        the sandbox gets gVisor's own network stack; without --host-uds the run's sockets
-        cannot be reached; a runtime named *-ptrace must select that platform.
+        return missing_for_boundary(name, self.runtime_args(name))
+
+    def _refuse_weak_gvisor(self, runtime: str) -> None:
+        """NotReady before a sandbox is made on a gVisor runtime registered without the
+        boundary's flags: whichever front end asked, and whatever runtime a policy narrowed
+        to. Checked again after a minute: a registration changes only with an engine reload.
         """
-        args = set(self.runtime_args(name))
-        missing = [a for a in ("--network=none", "--oci-seccomp") if a not in args]
-        if not args & {"--host-uds=open", "--host-uds=all"}:
-            missing.append("--host-uds=open")
-        if name.endswith("-ptrace") and "--platform=ptrace" not in args:
-            missing.append("--platform=ptrace")
-        return missing
+        if runtime == "runc":
+            return
+        key = (str(self.client.api.base_url), runtime)
+        now = time.monotonic()
+        if now - _GVISOR_CHECKED.get(key, -_GVISOR_RECHECK) < _GVISOR_RECHECK:
+            return
+        registered = (self.client.info().get("Runtimes") or {}).get(runtime)
+        if registered is None:
+            return  # create names the missing runtime, with its fix
+        from runner.engines.gvisor_flags import missing_for_boundary
+
+        missing = missing_for_boundary(
+            runtime, [str(a) for a in registered.get("runtimeArgs") or []])
+        if missing:
+            raise NotReady(f"the engine's runtime {runtime} is registered without "
+                           f"{' '.join(missing)}: it would not hold Airlock's boundary",
+                           hint=f"add them to the {runtime} runtimeArgs in the engine's "
+                           "daemon.json and reload the engine (`airlock doctor` checks it)")
+        _GVISOR_CHECKED[key] = now
 
     def image_present(self, tag: str) -> bool:
         import docker.errors
@@ -230,6 +253,8 @@ class DockerEngine(Engine):
     def create(self, spec: ContainerSpec) -> Sandbox:
         import docker.errors
         from docker.types import LogConfig, Mount, Ulimit
+
+        self._refuse_weak_gvisor(spec.runtime)
 
         security_opt = []
         if spec.no_new_privileges:

@@ -1,10 +1,11 @@
 """What the service checks of its engine before it listens.
 
-A tenant's floor fixes the runtime its runs need at the least (a run may narrow runc to
-runsc, never widen), and the floor binds gVisor's platform; a fixed pool entry names its
-own. If the engine has no such runtime, or registered gVisor without the flags the
-boundary needs, every run of that tenant would be refused one at a time by its readiness
-check; the operator learns it at start instead, with the fix.
+A tenant's floor fixes the runtime its runs need (a run may narrow runc to runsc on the
+floor's gVisor platform, never widen), and a fixed pool entry names its own. If the
+engine lacks one, every run of that tenant would be refused one at a time; the operator
+learns it at start instead, with the fix. A gVisor runtime registered without the flags
+the boundary needs is refused at start whoever may reach it (the engine refuses each
+sandbox on it too); one that only a narrowing run could choose may be absent: a warning.
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ from collections.abc import Callable, Iterable
 from runner.errors import NotReady
 from runner.policy.compile import GVISOR_PTRACE_RUNTIME, engine_runtime
 from runner.service.config import Config
+
+_REGISTER = {
+    "runsc": "install gVisor and register it as runsc with --network=none --host-uds=open "
+             "--oci-seccomp",
+    GVISOR_PTRACE_RUNTIME: f"register runsc a second time as {GVISOR_PTRACE_RUNTIME} with "
+                           "--network=none --host-uds=open --oci-seccomp --platform=ptrace",
+    "runc": "the engine's default runtime is gone: reinstall or repair the engine",
+}
 
 
 def needed_runtimes(config: Config) -> dict[str, list[str]]:
@@ -27,29 +36,44 @@ def needed_runtimes(config: Config) -> dict[str, list[str]]:
     return needed
 
 
+def narrowing_runtimes(config: Config) -> dict[str, list[str]]:
+    """Engine runtime -> tenants whose runs may choose it by narrowing runc to gVisor."""
+    out: dict[str, list[str]] = {}
+    for tenant in config.tenants.values():
+        if tenant.floor.process.runtime == "runc":
+            floor = tenant.floor.model_copy(deep=True)
+            floor.process.runtime = "runsc"
+            out.setdefault(engine_runtime(floor), []).append(f"tenant {tenant.name}")
+    return out
+
+
 def check_runtimes(config: Config, registered: Iterable[str],
-                   missing_args: Callable[[str], list[str]]) -> None:
-    """NotReady (exit 3) naming each runtime the config needs that the engine lacks or
-    registered without the flags the boundary needs (`missing_args(runtime)`)."""
+                   missing_args: Callable[[str], list[str]]) -> list[str]:
+    """Warnings to log; NotReady (exit 3) for each runtime the config needs that the
+    engine lacks, and each reachable gVisor runtime registered without the boundary's
+    flags (`missing_args(runtime)`)."""
     have = set(registered)
-    absent: list[str] = []
-    weak: list[str] = []
+    needed = needed_runtimes(config)
+    narrowing = narrowing_runtimes(config)
+    problems: list[str] = []
     hints: list[str] = []
-    for rt, who in sorted(needed_runtimes(config).items()):
-        needers = ", ".join(who)
+    warnings: list[str] = []
+    for rt in sorted(set(needed) | set(narrowing)):
+        who = ", ".join(needed.get(rt) or narrowing[rt])
         if rt not in have:
-            absent.append(f"{rt} (needed by {needers})")
-            if rt == GVISOR_PTRACE_RUNTIME:
-                hints.append(f"register runsc a second time as {rt} with --network=none "
-                             "--host-uds=open --oci-seccomp --platform=ptrace")
-            elif rt == "runsc":
-                hints.append("install gVisor and register runsc with --network=none "
-                             "--host-uds=open --oci-seccomp")
+            if rt in needed:
+                problems.append(f"the engine has no runtime {rt} (needed by {who})")
+                hints.append(_REGISTER.get(rt, f"register {rt} with the engine"))
+            else:
+                warnings.append(f"the engine has no runtime {rt}: runs of {who} that "
+                                f"choose it will be refused ({_REGISTER.get(rt, '')})")
         elif rt != "runc" and (lacking := missing_args(rt)):
-            weak.append(f"{rt} is registered without {' '.join(lacking)} (needed by {needers})")
-            hints.append(f"add {' '.join(lacking)} to the {rt} runtimeArgs and restart the engine")
-    if not absent and not weak:
-        return
-    problems = ([f"the engine has no runtime {'; '.join(absent)}"] if absent else []) + weak
-    hints.append("in a checkout `make engine` does this; `airlock doctor` checks it")
-    raise NotReady(f"{config.path}: {'; '.join(problems)}", hint="; ".join(hints))
+            problems.append(f"the engine's runtime {rt} is registered without "
+                            f"{' '.join(lacking)} (reached by {who})")
+            hints.append(f"add {' '.join(lacking)} to the {rt} runtimeArgs in the engine's "
+                         "daemon.json and reload the engine")
+    if problems:
+        hints.append("`airlock doctor` checks the engine; in a checkout `make engine` "
+                     "registers runsc and runsc-ptrace")
+        raise NotReady(f"{config.path}: {'; '.join(problems)}", hint="; ".join(hints))
+    return warnings

@@ -17,7 +17,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-from runner.errors import AirlockError, ExitCode
+from runner.errors import AirlockError, ExitCode, NotReady
 
 log = logging.getLogger("airlock.service")
 
@@ -89,7 +89,15 @@ def serve(config_path: str) -> int:
     engine = connect()  # NotReady (exit 3) when no engine answers
     from runner.service.preflight import check_runtimes
 
-    check_runtimes(config, engine.info().runtimes, engine.missing_gvisor_args)
+    try:
+        warnings = check_runtimes(config, engine.info().runtimes, engine.missing_gvisor_args)
+    except AirlockError:
+        raise
+    except Exception as exc:  # the engine went away between connect and these reads
+        raise NotReady(f"the engine stopped answering: {exc}",
+                       hint="start the engine again (in a checkout: `make engine`)") from None
+    for warning in warnings:
+        log.warning("%s", warning)
     host_id = os.environ.get("AIRLOCK_HOST_ID") or default_host_id(config)
     settled = reconcile(store, host_id, engine, config.runs_dir)
     if settled.ended or settled.lost or settled.removed:
