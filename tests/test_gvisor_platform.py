@@ -315,3 +315,18 @@ def test_the_engine_refuses_a_sandbox_on_a_weakly_registered_gvisor(ptrace_engin
     engine._refuse_weak_gvisor(GVISOR_PTRACE_RUNTIME)
     monkeypatch.setattr(engine.client, "info", lambda: weak)
     engine._refuse_weak_gvisor(GVISOR_PTRACE_RUNTIME)
+
+
+def test_runsc_flag_edge_cases_cannot_hide_a_weakening():
+    from runner.engines.gvisor_flags import effective_flags, missing_for_boundary
+
+    # an unknown boolean before a flag: the flag is still read
+    assert missing_for_boundary("runsc", [*_FULL, "--TESTONLY-x", "--oci-seccomp=false"]) \
+        == ["--oci-seccomp"]
+    # a valued flag takes the next argument whatever it looks like, as Go's flag package
+    assert effective_flags(["--network", "--oci-seccomp=false"]) == {
+        "network": "--oci-seccomp=false"}
+    assert missing_for_boundary("runsc", ["--network", "--oci-seccomp", "--host-uds=open"]) \
+        == ["--network=none", "--oci-seccomp"]
+    for bad in ("---network=none", "-", "--=x", "none"):
+        assert missing_for_boundary("runsc", [*_FULL, bad])[0].startswith("readable flags"), bad

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 _BOOLEAN = frozenset({"oci-seccomp", "debug", "strace", "rootless", "ignore-cgroups",
                       "allow-flag-override", "directfs", "cpu-num-from-quota", "profile",
                       "systemd-cgroup", "overlay", "nvproxy", "tpuproxy"})
+# Flags the boundary reads, which take a value.
+_VALUED = frozenset({"network", "host-uds", "platform"})
 _TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 
@@ -31,9 +33,10 @@ def effective_flags(args: Iterable[str]) -> dict[str, str]:
     while i < len(items):
         arg = items[i]
         i += 1
-        if not arg.startswith("-") or arg in ("-", "--"):
+        dashes = 2 if arg.startswith("--") else 1 if arg.startswith("-") else 0
+        name, eq, value = arg[dashes:].partition("=")
+        if not dashes or not name or name[0] in "-=":
             raise UnreadableFlags(f"{arg!r} is not a flag")
-        name, eq, value = arg.lstrip("-").partition("=")
         if name in _BOOLEAN:
             if not eq or value in _TRUE:
                 value = "true"
@@ -42,10 +45,16 @@ def effective_flags(args: Iterable[str]) -> dict[str, str]:
             else:
                 raise UnreadableFlags(f"{arg!r}: not a boolean")
         elif not eq:
-            if i >= len(items):
+            # A flag we do not know as a boolean takes the next argument as its value, as
+            # Go does for a non-boolean; unless that looks like a flag: then it is read as
+            # one, so `--unknown-bool --oci-seccomp=false` cannot hide the second.
+            if i < len(items) and not (items[i].startswith("-") and name not in _VALUED):
+                value = items[i]
+                i += 1
+            elif name in _VALUED:
                 raise UnreadableFlags(f"{arg!r} has no value")
-            value = items[i]
-            i += 1
+            else:
+                value = "true"
         out[name] = value
     return out
 
