@@ -89,15 +89,13 @@ def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> 
         ok(f"engine: Docker {info.version} at {info.endpoint}")
         for rt in ("runc", "runsc", GVISOR_PTRACE_RUNTIME):
             if rt != "runc" and rt in info.runtimes:
-                args = set(engine.runtime_args(rt))
-                missing = engine.missing_gvisor_args(rt)
-                if missing:
-                    bad(f"runtime {rt} is registered without {' '.join(missing)} (without "
-                        "--oci-seccomp gVisor ignores the seccomp profile)",
-                        f"add them to the {rt} runtimeArgs in the engine's daemon.json and "
-                        "restart the engine")
+                args = engine.runtime_args(rt)
+                problem = engine.gvisor_problem(rt)
+                if problem is not None:
+                    bad(f"runtime {rt}: {problem[0]} (without --oci-seccomp gVisor ignores "
+                        "the seccomp profile)", problem[1])
                 else:
-                    ok(f"runtime {rt} registered with {' '.join(sorted(args))}")
+                    ok(f"runtime {rt} registered with {' '.join(sorted(set(args)))}")
                 fit, message = gvisor_finding(engine.runtime_path(rt))
                 message = message.replace("runtime runsc ", f"runtime {rt} ", 1).replace(
                     "runsc at ", f"{rt} at ", 1)

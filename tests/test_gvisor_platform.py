@@ -195,10 +195,10 @@ _WHOLE = {"runc": [], "runsc": _FULL, GVISOR_PTRACE_RUNTIME: [*_FULL, "--platfor
 
 
 def _check(config, runtimes: dict[str, list[str]]) -> list[str]:
-    from runner.engines.gvisor_flags import missing_for_boundary
+    from runner.engines.gvisor_flags import registration_problem
     from runner.service.preflight import check_runtimes
 
-    return check_runtimes(config, runtimes, lambda rt: missing_for_boundary(rt, runtimes[rt]))
+    return check_runtimes(config, runtimes, lambda rt: registration_problem(rt, runtimes[rt]))
 
 
 def test_the_service_refuses_to_start_without_a_runtime_a_floor_needs(tmp_path):
@@ -232,14 +232,20 @@ def test_the_service_refuses_a_gvisor_runtime_registered_without_the_boundarys_f
     weak = [*_FULL, "--platform=ptrace", "--oci-seccomp=false"]
     with pytest.raises(NotReady) as info:
         _check(config, {**_WHOLE, GVISOR_PTRACE_RUNTIME: weak})
-    assert ("the engine's runtime runsc-ptrace is registered without --oci-seccomp "
+    assert ("the engine's runtime runsc-ptrace: it is registered without --oci-seccomp "
             "(reached by tenant acme)") in info.value.message
+    assert "add --oci-seccomp at the end of the runsc-ptrace runtimeArgs" in info.value.hint
     # zeta's floor is runc: its runs may narrow to runsc, so a weak runsc is refused too
     with pytest.raises(NotReady) as info:
-        _check(config, {**_WHOLE, "runsc": ["--network", "host", "--host-uds=open",
+        _check(config, {**_WHOLE, "runsc": ["--network=host", "--host-uds=open",
                                             "--oci-seccomp"]})
-    assert "runsc is registered without --network=none (reached by tenant zeta)" \
+    assert "runsc: it is registered without --network=none (reached by tenant zeta)" \
         in info.value.message
+    # dockerd joins runtimeArgs with spaces for /bin/sh: two flags in one element
+    with pytest.raises(NotReady) as info:
+        _check(config, {**_WHOLE, "runsc": [*_FULL, "--debug --network=host"]})
+    assert "runsc: its runtimeArgs cannot be read for sure" in info.value.message
+    assert "one --name=value element" in info.value.hint
 
 
 def test_a_runtime_only_a_narrowing_run_could_choose_may_be_absent(tmp_path):
@@ -254,17 +260,36 @@ def test_a_runtime_only_a_narrowing_run_could_choose_may_be_absent(tmp_path):
 def test_runsc_flags_are_read_as_runsc_reads_them():
     from runner.engines.gvisor_flags import effective_flags, missing_for_boundary
 
-    assert effective_flags(["-network", "none", "--oci-seccomp", "-oci-seccomp=False",
+    assert effective_flags(["-network=none", "--oci-seccomp", "-oci-seccomp=False",
                             "--host-uds=all"]) == {
         "network": "none", "oci-seccomp": "false", "host-uds": "all"}
     assert missing_for_boundary("runsc", _FULL) == []
     assert missing_for_boundary("runsc", [*_FULL, "--network=host"]) == ["--network=none"]
     assert missing_for_boundary("runsc-ptrace", [*_FULL, "--platform=ptrace",
-                                                 "--platform", "systrap"]) == ["--platform=ptrace"]
-    assert missing_for_boundary("runsc", [*_FULL, "stray"]) == [
-        "readable flags ('stray' is not a flag)"]
-    assert missing_for_boundary("runsc", ["--oci-seccomp=maybe"]) == [
-        "readable flags ('--oci-seccomp=maybe': not a boolean)"]
+                                                 "--platform=systrap"]) == ["--platform=ptrace"]
+    # annotations could then set any flag per container: it must end up off
+    assert missing_for_boundary("runsc", [*_FULL, "--allow-flag-override"]) == [
+        "--allow-flag-override=false"]
+    assert missing_for_boundary("runsc", [*_FULL, "--allow-flag-override",
+                                          "--allow-flag-override=false"]) == []
+
+
+def test_runsc_flags_that_cannot_be_read_for_sure_are_refused():
+    """Anything whose reading depends on which flags take a value, or on the shell that
+    dockerd puts between the registration and runsc."""
+    from runner.engines.gvisor_flags import UnreadableFlags, effective_flags
+
+    for args in (["--debug-log", "--oci-seccomp"],     # a string flag takes the next element
+                 ["--network", "none"],                # a value in the next element
+                 ["--debug --network=host"],           # two flags once the shell splits it
+                 ["--debug-log=$(id)"], ["--log='x'"], ["--network=none "],
+                 ["---network=none"], ["-"], ["--"], ["--=x"], ["none"],
+                 ["--oci-seccomp=maybe"]):
+        with pytest.raises(UnreadableFlags):
+            effective_flags(args)
+    # the forms `make engine` and gVisor's docs use
+    assert effective_flags([*_FULL, "--platform=ptrace", "--debug", "--debug-log=/tmp/runsc/",
+                            "--strace"])["platform"] == "ptrace"
 
 
 def test_the_service_starts_with_a_ptrace_floor_on_an_engine_that_has_it(tmp_path, ptrace_engine):
@@ -284,10 +309,11 @@ def test_the_engines_gvisor_registrations_have_every_flag_the_boundary_needs(ptr
     from runner.engines.docker_engine import DockerEngine
 
     engine = DockerEngine()
-    assert engine.missing_gvisor_args("runsc") == []
-    assert engine.missing_gvisor_args(GVISOR_PTRACE_RUNTIME) == []
-    assert engine.missing_gvisor_args("runc") == [
-        "--network=none", "--oci-seccomp", "--host-uds=open"]  # registered with no flags: all named
+    assert engine.gvisor_problem("runsc") is None
+    assert engine.gvisor_problem(GVISOR_PTRACE_RUNTIME) is None
+    problem = engine.gvisor_problem("runc")  # registered with no flags: all named
+    assert problem is not None and problem[0] == \
+        "it is registered without --network=none --oci-seccomp --host-uds=open"
 
 
 def test_the_engine_refuses_a_sandbox_on_a_weakly_registered_gvisor(ptrace_engine, monkeypatch):
@@ -308,25 +334,10 @@ def test_the_engine_refuses_a_sandbox_on_a_weakly_registered_gvisor(ptrace_engin
                           SandboxInputs(image=image_tag("base"), run_id="r-weak", owner="o"))
     with pytest.raises(NotReady) as info:
         engine.create(spec)
-    assert "runsc-ptrace is registered without --oci-seccomp" in str(info.value)
+    assert "runsc-ptrace: it is registered without --oci-seccomp" in str(info.value)
     assert ptrace_engine.containers.list(all=True, filters={"label": f"{LABEL_RUN}=r-weak"}) == []
     # the whole registration passes, and is not read again within the minute
     monkeypatch.setattr(engine.client, "info", lambda: real)
     engine._refuse_weak_gvisor(GVISOR_PTRACE_RUNTIME)
     monkeypatch.setattr(engine.client, "info", lambda: weak)
     engine._refuse_weak_gvisor(GVISOR_PTRACE_RUNTIME)
-
-
-def test_runsc_flag_edge_cases_cannot_hide_a_weakening():
-    from runner.engines.gvisor_flags import effective_flags, missing_for_boundary
-
-    # an unknown boolean before a flag: the flag is still read
-    assert missing_for_boundary("runsc", [*_FULL, "--TESTONLY-x", "--oci-seccomp=false"]) \
-        == ["--oci-seccomp"]
-    # a valued flag takes the next argument whatever it looks like, as Go's flag package
-    assert effective_flags(["--network", "--oci-seccomp=false"]) == {
-        "network": "--oci-seccomp=false"}
-    assert missing_for_boundary("runsc", ["--network", "--oci-seccomp", "--host-uds=open"]) \
-        == ["--network=none", "--oci-seccomp"]
-    for bad in ("---network=none", "-", "--=x", "none"):
-        assert missing_for_boundary("runsc", [*_FULL, bad])[0].startswith("readable flags"), bad

@@ -11,6 +11,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -177,8 +178,8 @@ class DockerSandbox(Sandbox):
             self._response = None
 
 
-# (engine endpoint, runtime) -> when its registration was last found whole
-_GVISOR_CHECKED: dict[tuple[str, str], float] = {}
+# engine client -> runtime -> when its registration was last found whole
+_GVISOR_CHECKED: weakref.WeakKeyDictionary[Any, dict[str, float]] = weakref.WeakKeyDictionary()
 _GVISOR_RECHECK = 60.0
 
 
@@ -209,12 +210,12 @@ class DockerEngine(Engine):
         runtime = (self.client.info().get("Runtimes") or {}).get(name) or {}
         return [str(a) for a in runtime.get("runtimeArgs") or []]
 
-    def missing_gvisor_args(self, name: str) -> list[str]:
-        """The flags a registered gVisor runtime lacks for Airlock's boundary, read as
-        runsc reads them (runner/engines/gvisor_flags.py)."""
-        from runner.engines.gvisor_flags import missing_for_boundary
+    def gvisor_problem(self, name: str) -> tuple[str, str] | None:
+        """What keeps a registered gVisor runtime from holding Airlock's boundary, and its
+        fix; None when nothing does. Read as runsc reads its flags (gvisor_flags.py)."""
+        from runner.engines.gvisor_flags import registration_problem
 
-        return missing_for_boundary(name, self.runtime_args(name))
+        return registration_problem(name, self.runtime_args(name))
 
     def _refuse_weak_gvisor(self, runtime: str) -> None:
         """NotReady before a sandbox is made on a gVisor runtime registered without the
@@ -223,23 +224,22 @@ class DockerEngine(Engine):
         """
         if runtime == "runc":
             return
-        key = (str(self.client.api.base_url), runtime)
+        checked = _GVISOR_CHECKED.setdefault(self.client, {})
         now = time.monotonic()
-        if now - _GVISOR_CHECKED.get(key, -_GVISOR_RECHECK) < _GVISOR_RECHECK:
+        if now - checked.get(runtime, -_GVISOR_RECHECK) < _GVISOR_RECHECK:
             return
         registered = (self.client.info().get("Runtimes") or {}).get(runtime)
         if registered is None:
             return  # create names the missing runtime, with its fix
-        from runner.engines.gvisor_flags import missing_for_boundary
+        from runner.engines.gvisor_flags import registration_problem
 
-        missing = missing_for_boundary(
+        problem = registration_problem(
             runtime, [str(a) for a in registered.get("runtimeArgs") or []])
-        if missing:
-            raise NotReady(f"the engine's runtime {runtime} is registered without "
-                           f"{' '.join(missing)}: it would not hold Airlock's boundary",
-                           hint=f"add them to the {runtime} runtimeArgs in the engine's "
-                           "daemon.json and reload the engine (`airlock doctor` checks it)")
-        _GVISOR_CHECKED[key] = now
+        if problem is not None:
+            raise NotReady(f"the engine's runtime {runtime}: {problem[0]}, so it would not "
+                           "hold Airlock's boundary",
+                           hint=f"{problem[1]} (`airlock doctor` checks it)")
+        checked[runtime] = now
 
     def image_present(self, tag: str) -> bool:
         import docker.errors

@@ -48,10 +48,10 @@ def narrowing_runtimes(config: Config) -> dict[str, list[str]]:
 
 
 def check_runtimes(config: Config, registered: Iterable[str],
-                   missing_args: Callable[[str], list[str]]) -> list[str]:
+                   problem_of: Callable[[str], tuple[str, str] | None]) -> list[str]:
     """Warnings to log; NotReady (exit 3) for each runtime the config needs that the
-    engine lacks, and each reachable gVisor runtime registered without the boundary's
-    flags (`missing_args(runtime)`)."""
+    engine lacks, and each reachable gVisor runtime whose registration does not hold the
+    boundary (`problem_of(runtime)`: what is wrong and its fix, or None)."""
     have = set(registered)
     needed = needed_runtimes(config)
     narrowing = narrowing_runtimes(config)
@@ -67,11 +67,9 @@ def check_runtimes(config: Config, registered: Iterable[str],
             else:
                 warnings.append(f"the engine has no runtime {rt}: runs of {who} that "
                                 f"choose it will be refused ({_REGISTER.get(rt, '')})")
-        elif rt != "runc" and (lacking := missing_args(rt)):
-            problems.append(f"the engine's runtime {rt} is registered without "
-                            f"{' '.join(lacking)} (reached by {who})")
-            hints.append(f"add {' '.join(lacking)} to the {rt} runtimeArgs in the engine's "
-                         "daemon.json and reload the engine")
+        elif rt != "runc" and (problem := problem_of(rt)) is not None:
+            problems.append(f"the engine's runtime {rt}: {problem[0]} (reached by {who})")
+            hints.append(problem[1])
     if problems:
         hints.append("`airlock doctor` checks the engine; in a checkout `make engine` "
                      "registers runsc and runsc-ptrace")

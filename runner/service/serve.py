@@ -87,13 +87,15 @@ def serve(config_path: str) -> int:
     except StoreError as exc:
         raise AirlockError(str(exc)) from None
     engine = connect()  # NotReady (exit 3) when no engine answers
+    import docker.errors
+
     from runner.service.preflight import check_runtimes
 
     try:
-        warnings = check_runtimes(config, engine.info().runtimes, engine.missing_gvisor_args)
-    except AirlockError:
-        raise
-    except Exception as exc:  # the engine went away between connect and these reads
+        warnings = check_runtimes(config, engine.info().runtimes, engine.gvisor_problem)
+    except (docker.errors.DockerException, OSError) as exc:
+        # the engine went away between connect and these reads (requests' errors are
+        # OSErrors)
         raise NotReady(f"the engine stopped answering: {exc}",
                        hint="start the engine again (in a checkout: `make engine`)") from None
     for warning in warnings:
