@@ -65,6 +65,7 @@ def gvisor_finding(path: str | None) -> tuple[bool, str]:
 
 def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> int:
     from runner.engines.docker_engine import connect
+    from runner.engines.gvisor_flags import boundary_flags, registration_problem
     from runner.images.build import SPECS, image_tag
     from runner.images.catalog import load_catalog
     from runner.policy.compile import GVISOR_PTRACE_RUNTIME
@@ -90,7 +91,7 @@ def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> 
         for rt in ("runc", "runsc", GVISOR_PTRACE_RUNTIME):
             if rt != "runc" and rt in info.runtimes:
                 args = engine.runtime_args(rt)
-                problem = engine.gvisor_problem(rt)
+                problem = registration_problem(rt, args)
                 if problem is not None:
                     bad(f"runtime {rt}: {problem[0]} (without --oci-seccomp gVisor ignores "
                         "the seccomp profile)", problem[1])
@@ -112,8 +113,8 @@ def run_doctor(policy_ref: str, *, probe: bool, echo: Callable[[str], None]) -> 
                      "--platform=ptrace under that name to use it)")
             else:
                 bad(f"runtime {rt} is not registered with the engine",
-                    "install gVisor and register runsc with --network=none --host-uds=open "
-                    "--oci-seccomp (see `make engine`)" if rt == "runsc" else "reinstall Docker")
+                    f"install gVisor and register runsc with {boundary_flags(rt)} (see "
+                    "`make engine`)" if rt == "runsc" else "reinstall Docker")
         load_catalog()
         for name in SPECS:
             tag = image_tag(name)

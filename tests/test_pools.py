@@ -59,10 +59,8 @@ def pool(engine):
 def _pool_containers(docker_client, key: str, pid: int | None = None) -> list:
     """The pooled sandboxes of this boundary made by process `pid` (this one by default):
     another pool on the same engine (a user's own per-user server) is not the test's."""
-    pid = os.getpid() if pid is None else pid
-    return [c for c in docker_client.containers.list(
-                all=True, filters={"label": f"{LABEL_POOL}={key[:16]}"})
-            if c.labels.get("airlock.owner", "").split(":")[1:2] == [str(pid)]]
+    return [c for c in _of_pid(docker_client, os.getpid() if pid is None else pid)
+            if c.labels[LABEL_POOL] == key[:16]]
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

@@ -183,6 +183,10 @@ _GVISOR_CHECKED: weakref.WeakKeyDictionary[Any, dict[str, float]] = weakref.Weak
 _GVISOR_RECHECK = 60.0
 
 
+def _runtime_args(registered: dict[str, Any]) -> list[str]:
+    return [str(a) for a in registered.get("runtimeArgs") or []]
+
+
 class DockerEngine(Engine):
     name = "docker"
 
@@ -199,16 +203,19 @@ class DockerEngine(Engine):
             endpoint=self.client.api.base_url,
         )
 
+    def _registration(self, name: str) -> dict[str, Any] | None:
+        """The engine's record of a registered OCI runtime; None when it has none."""
+        registered = (self.client.info().get("Runtimes") or {}).get(name)
+        return dict(registered) if registered is not None else None
+
     def runtime_path(self, name: str) -> str | None:
         """The binary the engine runs for a registered OCI runtime (as the engine sees it)."""
-        runtime = (self.client.info().get("Runtimes") or {}).get(name) or {}
-        path = runtime.get("path")
+        path = (self._registration(name) or {}).get("path")
         return str(path) if path else None
 
     def runtime_args(self, name: str) -> list[str]:
         """The arguments the engine passes to a registered OCI runtime."""
-        runtime = (self.client.info().get("Runtimes") or {}).get(name) or {}
-        return [str(a) for a in runtime.get("runtimeArgs") or []]
+        return _runtime_args(self._registration(name) or {})
 
     def gvisor_problem(self, name: str) -> tuple[str, str] | None:
         """What keeps a registered gVisor runtime from holding Airlock's boundary, and its
@@ -228,13 +235,12 @@ class DockerEngine(Engine):
         now = time.monotonic()
         if now - checked.get(runtime, -_GVISOR_RECHECK) < _GVISOR_RECHECK:
             return
-        registered = (self.client.info().get("Runtimes") or {}).get(runtime)
+        registered = self._registration(runtime)
         if registered is None:
             return  # create names the missing runtime, with its fix
         from runner.engines.gvisor_flags import registration_problem
 
-        problem = registration_problem(
-            runtime, [str(a) for a in registered.get("runtimeArgs") or []])
+        problem = registration_problem(runtime, _runtime_args(registered))
         if problem is not None:
             raise NotReady(f"the engine's runtime {runtime}: {problem[0]}, so it would not "
                            "hold Airlock's boundary",

@@ -42,6 +42,12 @@ _PLAIN = re.compile(r"[A-Za-z0-9_./:=,@%+-]+")
 _MUST_BE_OFF = ("allow-flag-override", "TESTONLY-unsafe-nonroot")
 
 
+def boundary_flags(runtime: str) -> str:
+    """The runtimeArgs to register a gVisor runtime with for Airlock's boundary."""
+    flags = "--network=none --host-uds=open --oci-seccomp"
+    return f"{flags} --platform=ptrace" if runtime.endswith("-ptrace") else flags
+
+
 class UnreadableFlags(ValueError):
     """runtimeArgs that cannot be read for sure as runsc will read them."""
 

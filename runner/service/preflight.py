@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from runner.engines.gvisor_flags import boundary_flags
 from runner.errors import NotReady
 from runner.policy.compile import GVISOR_PTRACE_RUNTIME, engine_runtime
 from runner.service.config import Config
 
 _REGISTER = {
-    "runsc": "install gVisor and register it as runsc with --network=none --host-uds=open "
-             "--oci-seccomp",
+    "runsc": f"install gVisor and register it as runsc with {boundary_flags('runsc')}",
     GVISOR_PTRACE_RUNTIME: f"register runsc a second time as {GVISOR_PTRACE_RUNTIME} with "
-                           "--network=none --host-uds=open --oci-seccomp --platform=ptrace",
+                           f"{boundary_flags(GVISOR_PTRACE_RUNTIME)}",
     "runc": "the engine's default runtime is gone: reinstall or repair the engine",
 }
 
