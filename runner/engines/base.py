@@ -98,6 +98,15 @@ class Sandbox(ABC):
     @abstractmethod
     def wait(self) -> Exit: ...
 
+    def late_oom(self, within: float) -> bool:
+        """Whether the engine reports an OOM kill of this ended sandbox, waiting up to
+        `within` seconds after its exit for a report that comes late.
+
+        For a sandbox whose `wait()` said it was not OOM-killed: under gVisor the engine
+        can hear of the exit before the OOM kill that caused it.
+        """
+        return False
+
     @abstractmethod
     def kill(self) -> None: ...
 

@@ -36,6 +36,7 @@ _ENGINE_ENV = ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_TLS_VERIFY", "DOCKER_CER
 _shared: dict[tuple[Any, ...], Any] = {}
 _shared_lock = threading.Lock()
 POOL_SIZE = 64  # concurrent runs each hold two streaming calls (attach, wait)
+LATE_OOM_BEFORE = 5.0  # s before the exit an OOM event may carry (clock steps, slow reports)
 
 
 def _negotiate(client: Any) -> None:
@@ -93,6 +94,53 @@ def _client(timeout: int = 60, *, shared: bool = False) -> Any:
 def _short(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:200]
+
+
+def _unix_time(stamp: str) -> float | None:
+    """The engine's RFC 3339 UTC time (`2026-12-06T21:37:41.769073492Z`, nanoseconds
+    that `datetime` does not parse) as seconds since the epoch."""
+    import datetime as dt
+
+    if not stamp.endswith("Z"):
+        return None
+    head, _, frac = stamp[:-1].partition(".")
+    try:
+        t = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC).timestamp()
+    except ValueError:
+        return None
+    if frac and not frac.isdigit():
+        return None
+    return t + (int(frac) / 10 ** len(frac) if frac else 0.0)
+
+
+def oom_event(api: Any, container_id: str, end: float, within: float) -> bool:
+    """Whether the engine has an OOM event for the container from shortly before `end`
+    (its exit, in the engine's clock) until `within` seconds after it.
+
+    The bounds are in the engine's clock, so a host clock that differs does not move
+    them: the engine replays what it heard and closes the stream at `until`.
+    """
+    import docker.errors
+    import requests
+
+    try:
+        events = api.events(since=f"{end - LATE_OOM_BEFORE:.6f}", until=f"{end + within:.6f}",
+                            filters={"container": [container_id], "event": ["oom"]},
+                            decode=True)
+    except (docker.errors.APIError, requests.RequestException, OSError):
+        return False
+    # An engine that kept the stream open past `until` would hold the run: it does not.
+    guard = threading.Timer(within + 5.0, events.close)
+    guard.daemon = True
+    guard.start()
+    try:
+        return any(True for _ in events)
+    except (docker.errors.APIError, requests.RequestException, OSError, ValueError):
+        return False
+    finally:
+        guard.cancel()
+        with contextlib.suppress(Exception):
+            events.close()
 
 
 class DockerSandbox(Sandbox):
@@ -160,6 +208,19 @@ class DockerSandbox(Sandbox):
         state = self._client.api.inspect_container(self.id)["State"]
         return Exit(code=int(result.get("StatusCode", state.get("ExitCode", 1))),
                     oom_killed=bool(state.get("OOMKilled")))
+
+    def late_oom(self, within: float) -> bool:
+        import docker.errors
+        import requests
+
+        try:
+            state = self._client.api.inspect_container(self.id)["State"]
+        except (docker.errors.APIError, requests.RequestException, OSError):
+            return False
+        if state.get("OOMKilled"):
+            return True
+        end = _unix_time(str(state.get("FinishedAt") or ""))
+        return end is not None and oom_event(self._client.api, self.id, end, within)
 
     def kill(self) -> None:
         import docker.errors

@@ -44,6 +44,9 @@ OUTPUT_EVENT_CAP = 8192  # bytes of output text carried by one agent.output even
 COPY_POLL = 0.5  # seconds between looks at how full the workspace copy is
 LEFT_OUT_IN_EVENT = 100  # left-out files named in the event (report.json lists up to 1000)
 MAX_PARTIAL_LINE = 1 << 20  # an unfinished output line longer than this is not parsed
+# How long past a failed gVisor sandbox's exit the engine may still report its OOM kill
+# (seen: up to 0.15 s after, under load on 2 cores; most come before the exit).
+LATE_OOM_S = 1.0
 
 
 def with_agent_tmpfs(policy: Policy, agent: Agent) -> Policy:
@@ -358,6 +361,8 @@ class Run:
                                  daemon=True, name="airlock-copy-watch").start()
             try:
                 code, oom = self._run_sandbox(sandbox, warm, shim_bytes)
+                if not oom and code != 0:
+                    oom = self._late_oom(sandbox, code)
             finally:
                 watching.set()
             self._copy_full(prepared)
@@ -563,6 +568,27 @@ class Run:
             return code, "succeeded" if code == 0 else "failed", "command"
         ok = agent.succeeded(code)
         return (ExitCode.OK if ok else ExitCode.AGENT_FAILED), ("succeeded" if ok else "failed"), "agent"
+
+    def _late_oom(self, sandbox: Sandbox, code: int) -> bool:
+        """Whether a gVisor sandbox that ended with a failure was killed for memory after all.
+
+        gVisor's sandbox is one host process (the Sentry) holding all of the run's memory,
+        so the kernel's OOM killer ends the whole sandbox, while the agent inside may
+        still see its allocation fail and exit on its own. The engine then sometimes
+        hears of the exit (not OOM-killed) before the OOM event: up to ~150 ms later,
+        ~1 run in 20 under load. Only such runs wait for it, up to LATE_OOM_S past the
+        exit; on runc the OOM killer ends the agent and the engine hears of it first.
+        """
+        if self.policy.process.runtime != "runsc":
+            return False
+        with self._lock:
+            if self._end_reason is not None:  # the host ended it: that is the reason
+                return False
+        oom = sandbox.late_oom(LATE_OOM_S)
+        if oom:  # sandbox.exited said otherwise: the log says what changed the verdict
+            self.log.emit("sandbox.oom_killed", "host", exit_code=code,
+                          detail="the engine reported the OOM kill after the exit")
+        return oom
 
     def _run_sandbox(self, sandbox: Sandbox, warm: WarmSandbox | None = None,
                      shim_config: bytes = b"") -> tuple[int, bool]:
