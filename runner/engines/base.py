@@ -98,12 +98,11 @@ class Sandbox(ABC):
     @abstractmethod
     def wait(self) -> Exit: ...
 
-    def late_oom(self, within: float) -> bool:
-        """Whether the engine reports an OOM kill of this ended sandbox, waiting up to
-        `within` seconds after its exit for a report that comes late.
-
-        For a sandbox whose `wait()` said it was not OOM-killed: under gVisor the engine
-        can hear of the exit before the OOM kill that caused it.
+    def late_oom(self, wait: float) -> bool:
+        """Whether the engine reports an OOM kill of this ended sandbox after all: asked
+        when `wait()` said it was not OOM-killed, it waits until the engine has said
+        nothing more for `wait` seconds. (Under gVisor the engine can hear of the exit
+        before the OOM kill that caused it.)
         """
         return False
 

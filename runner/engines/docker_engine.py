@@ -36,7 +36,9 @@ _ENGINE_ENV = ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_TLS_VERIFY", "DOCKER_CER
 _shared: dict[tuple[Any, ...], Any] = {}
 _shared_lock = threading.Lock()
 POOL_SIZE = 64  # concurrent runs each hold two streaming calls (attach, wait)
-LATE_OOM_BEFORE = 5.0  # s before the exit an OOM event may carry (clock steps, slow reports)
+# An OOM event up to this long before the exit's time still counts (the engine's clock
+# on both; one the engine handled before the exit already shows in the inspect).
+OOM_LOOKBACK = 1.0
 
 
 def _negotiate(client: Any) -> None:
@@ -98,7 +100,8 @@ def _short(exc: BaseException) -> str:
 
 def _unix_time(stamp: str) -> float | None:
     """The engine's RFC 3339 UTC time (`2026-12-06T21:37:41.769073492Z`, nanoseconds
-    that `datetime` does not parse) as seconds since the epoch."""
+    that `datetime` does not parse) as seconds since the epoch; None for the zero time
+    of a container that never ended, or anything else."""
     import datetime as dt
 
     if not stamp.endswith("Z"):
@@ -108,39 +111,55 @@ def _unix_time(stamp: str) -> float | None:
         t = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC).timestamp()
     except ValueError:
         return None
-    if frac and not frac.isdigit():
+    if t <= 0 or (frac and not frac.isdigit()):
         return None
     return t + (int(frac) / 10 ** len(frac) if frac else 0.0)
 
 
-def oom_event(api: Any, container_id: str, end: float, within: float) -> bool:
-    """Whether the engine has an OOM event for the container from shortly before `end`
-    (its exit, in the engine's clock) until `within` seconds after it.
-
-    The bounds are in the engine's clock, so a host clock that differs does not move
-    them: the engine replays what it heard and closes the stream at `until`.
-    """
-    import docker.errors
-    import requests
-
-    try:
-        events = api.events(since=f"{end - LATE_OOM_BEFORE:.6f}", until=f"{end + within:.6f}",
-                            filters={"container": [container_id], "event": ["oom"]},
-                            decode=True)
-    except (docker.errors.APIError, requests.RequestException, OSError):
+def _is_oom_of(event: Any, container_id: str) -> bool:
+    """An OOM event of this container: the engine's filter is not taken on trust (an
+    engine or a proxy in front of it that drops it would pass other containers' events)."""
+    if not isinstance(event, dict):
         return False
-    # An engine that kept the stream open past `until` would hold the run: it does not.
-    guard = threading.Timer(within + 5.0, events.close)
-    guard.daemon = True
-    guard.start()
+    actor = event.get("Actor")
+    if not isinstance(actor, dict):
+        actor = {}
+    return (event.get("Action", event.get("status")) == "oom"
+            and actor.get("ID", event.get("id")) == container_id)
+
+
+def oom_in_events(api: Any, container_id: str, end: float, wait: float) -> bool:
+    """Whether the engine reports an OOM kill of the container, from shortly before `end`
+    (its exit, in the engine's clock) until it has said nothing for `wait` seconds.
+
+    Asked once the engine has reported the exit, so the wait counts from that report,
+    whenever it came; what the engine heard in between is replayed from `since`. The
+    read timeout bounds each silence and the deadline a stream that never ends, so no
+    engine (a wedged one, one that sends no headers, one that ignores the filter) holds
+    the run longer than about twice `wait` plus the connect timeout.
+    """
+    from docker.utils import convert_filters
+
+    deadline = time.monotonic() + 2 * wait
+    params = {"since": f"{end - OOM_LOOKBACK:.6f}",
+              "filters": convert_filters({"container": [container_id], "event": ["oom"]})}
+    response = None
     try:
-        return any(True for _ in events)
-    except (docker.errors.APIError, requests.RequestException, OSError, ValueError):
+        response = api._get(api._url("/events"), params=params, stream=True,
+                            timeout=(5.0, wait))
+        api._raise_for_status(response)
+        for event in api._stream_helper(response, decode=True):
+            if _is_oom_of(event, container_id):
+                return True
+            if time.monotonic() > deadline:
+                return False
+    except Exception:
         return False
     finally:
-        guard.cancel()
-        with contextlib.suppress(Exception):
-            events.close()
+        if response is not None:
+            with contextlib.suppress(Exception):
+                response.close()
+    return False
 
 
 class DockerSandbox(Sandbox):
@@ -209,18 +228,15 @@ class DockerSandbox(Sandbox):
         return Exit(code=int(result.get("StatusCode", state.get("ExitCode", 1))),
                     oom_killed=bool(state.get("OOMKilled")))
 
-    def late_oom(self, within: float) -> bool:
-        import docker.errors
-        import requests
-
+    def late_oom(self, wait: float) -> bool:
         try:
             state = self._client.api.inspect_container(self.id)["State"]
-        except (docker.errors.APIError, requests.RequestException, OSError):
+        except Exception:
             return False
         if state.get("OOMKilled"):
             return True
         end = _unix_time(str(state.get("FinishedAt") or ""))
-        return end is not None and oom_event(self._client.api, self.id, end, within)
+        return end is not None and oom_in_events(self._client.api, self.id, end, wait)
 
     def kill(self) -> None:
         import docker.errors

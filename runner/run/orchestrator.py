@@ -44,9 +44,9 @@ OUTPUT_EVENT_CAP = 8192  # bytes of output text carried by one agent.output even
 COPY_POLL = 0.5  # seconds between looks at how full the workspace copy is
 LEFT_OUT_IN_EVENT = 100  # left-out files named in the event (report.json lists up to 1000)
 MAX_PARTIAL_LINE = 1 << 20  # an unfinished output line longer than this is not parsed
-# How long past a failed gVisor sandbox's exit the engine may still report its OOM kill
-# (seen: up to 0.15 s after, under load on 2 cores; most come before the exit).
-LATE_OOM_S = 1.0
+# How long after the engine reports a failed gVisor sandbox's exit it may still report
+# the OOM kill that caused it (seen: up to 0.15 s, under load on 2 cores).
+LATE_OOM_WAIT = 0.5
 
 
 def with_agent_tmpfs(policy: Policy, agent: Agent) -> Policy:
@@ -574,30 +574,30 @@ class Run:
 
         gVisor's sandbox is one host process (the Sentry) holding all of the run's memory,
         so the kernel's OOM killer ends the whole sandbox, while the agent inside may
-        still see its allocation fail and exit on its own. The engine then sometimes
-        hears of the exit (not OOM-killed) before the OOM event: up to ~150 ms later,
-        ~1 run in 20 under load. Only such runs wait for it, up to LATE_OOM_S past the
-        exit; on runc the OOM killer ends the agent and the engine hears of it first.
+        still see an allocation fail and exit by itself. The engine then sometimes
+        reports the exit (not OOM-killed) before the OOM event, ~1 run in 20 under load.
+        Only such runs wait for it (LATE_OOM_WAIT); on runc the OOM killer ends the
+        agent, the shim outlives it, and the engine hears of the kill first.
         """
-        if self.policy.process.runtime != "runsc":
+        if self.policy.process.runtime != "runsc" or self._ended_by_host():
             return False
-        with self._lock:
-            if self._end_reason is not None:  # the host ended it: that is the reason
-                return False
-        oom = sandbox.late_oom(LATE_OOM_S)
-        if oom:  # sandbox.exited said otherwise: the log says what changed the verdict
+        oom = sandbox.late_oom(LATE_OOM_WAIT)
+        if oom and not self._ended_by_host():
+            # sandbox.exited said otherwise: the log says what changed the verdict
             self.log.emit("sandbox.oom_killed", "host", exit_code=code,
                           detail="the engine reported the OOM kill after the exit")
         return oom
+
+    def _ended_by_host(self) -> bool:
+        with self._lock:
+            return self._end_reason is not None
 
     def _run_sandbox(self, sandbox: Sandbox, warm: WarmSandbox | None = None,
                      shim_config: bytes = b"") -> tuple[int, bool]:
         deadline = self.policy.resources.wall_time
         timer = threading.Timer(deadline, self._end, args=("timeout",))
         timer.daemon = True
-        with self._lock:
-            cancelled = self._end_reason is not None
-        if cancelled:  # ended before the sandbox existed: it never starts
+        if self._ended_by_host():  # ended before the sandbox existed: it never starts
             return 137, False
         if warm is not None:
             # Attached before the configuration goes down: every byte the agent writes
@@ -607,9 +607,7 @@ class Run:
         else:
             sandbox.start()
         self.log.emit("sandbox.started", "host")
-        with self._lock:
-            cancelled = self._end_reason is not None
-        if cancelled:  # ended while it started: the kill may have found nothing to kill
+        if self._ended_by_host():  # ended while it started: that kill may have found nothing
             threading.Thread(target=sandbox.kill, name="airlock-kill", daemon=True).start()
         timer.start()
         reader = threading.Thread(target=self._pump_output, args=(sandbox,), daemon=True)
