@@ -54,6 +54,17 @@ class Served:
     def served(self, pid: int) -> bool:
         return f"run for client pid {pid}:" in self.log.read_text()
 
+    def why_still_running(self, proc: subprocess.Popen[str], since: set[str]) -> str:
+        """What to read when a client did not end in time: the server's log, the run's
+        last events, the client's stderr (the client is killed to read it)."""
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        new = sorted(set(os.listdir(self.runs)) - since)
+        events = self.runs / new[-1] / "events.jsonl" if new else None
+        tail = events.read_text().splitlines()[-12:] if events and events.exists() else []
+        return "\n".join(["client stderr:", err[-2000:], "server log:",
+                          self.log.read_text()[-3000:], "run's last events:", *tail])
+
     def report(self, since: set[str]) -> dict:
         new = sorted(set(os.listdir(self.runs)) - since)
         assert new, "no run directory"
@@ -159,7 +170,12 @@ def test_ctrl_c_ends_the_run_interrupted(server: Served, engine, sig):
     assert proc.stdout is not None
     assert proc.stdout.readline() == "started\n"
     proc.send_signal(sig)
-    assert proc.wait(timeout=30) == 130
+    try:
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running 30 s after {sig.name}\n"
+                    + server.why_still_running(proc, since))
+    assert code == 130
     report = server.report(since)
     assert report["status"] == "interrupted" and report["exit_code"] == 130
     assert wait_for(lambda: not _managed(engine, report["run_id"]), 30)
