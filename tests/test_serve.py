@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -496,3 +497,28 @@ def test_a_client_of_another_installation_is_handed_back(server: Served):
         frame = proto.Reader(sock).frame()
     assert frame is not None and frame[0] == proto.FALLBACK
     assert b"another installation" in frame[1]
+
+
+def test_a_ctrl_c_before_the_server_hands_the_run_back_ends_it(tmp_path: Path):
+    # The server answers FALLBACK (the client should run it itself) after the user's
+    # Ctrl-C: nothing ran, and nothing may run now. Server side played on a socketpair.
+    from runner.server import protocol as p
+    from runner.server.client import _converse
+
+    client, server = socket.socketpair()
+    assert threading.current_thread() is threading.main_thread()  # signals land here
+
+    def serve() -> None:
+        reader = p.Reader(server)
+        p.send(server, p.NEED, [])
+        assert reader.frame()[0] == p.ENV  # type: ignore[index]
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, while the server decides
+        frame = reader.frame()
+        assert frame is not None and frame[0] == p.INTERRUPT
+        p.send(server, p.FALLBACK, {"reason": "code changed"})
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    with client, server:
+        assert _converse(client) == 130  # not None: the client would run it in-process
+    t.join(10)

@@ -588,7 +588,8 @@ class Suite:
                     if neighbour is not None:
                         n_run, n_thread, n_engine = neighbour
                         for sandbox in n_engine.sandboxes:
-                            sandbox.kill()
+                            with contextlib.suppress(Exception):  # n_thread.join bounds it
+                                sandbox.kill()
                         n_thread.join(60)
                         ctx.neighbour_events = _read_events(n_run.dir)
             results = [self._verdict(ctx, a, outcomes[a.batch]) for a in attacks]

@@ -107,7 +107,9 @@ class Sandbox(ABC):
         return False
 
     @abstractmethod
-    def kill(self) -> None: ...
+    def kill(self) -> None:
+        """Kill the sandbox. One already stopped or gone is no error; raises when the
+        engine did not take the kill (it may answer so under load)."""
 
     @abstractmethod
     def remove(self) -> None: ...

@@ -241,8 +241,13 @@ class DockerSandbox(Sandbox):
     def kill(self) -> None:
         import docker.errors
 
-        with contextlib.suppress(docker.errors.APIError):
+        try:
             self._client.api.kill(self.id)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: not running (it ended meanwhile)
+                raise
 
     def remove(self) -> None:
         import docker.errors

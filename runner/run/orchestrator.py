@@ -47,6 +47,10 @@ MAX_PARTIAL_LINE = 1 << 20  # an unfinished output line longer than this is not 
 # How long after the engine reports a failed gVisor sandbox's exit it may still report
 # the OOM kill that caused it (seen: up to 0.15 s, under load on 2 cores).
 LATE_OOM_WAIT = 0.5
+# A kill the engine did not take is sent again, KILL_RETRY_S x attempt later; after the
+# last one the sandbox is removed (2 + 4 + 6 s: well inside a wall-time grace).
+KILL_ATTEMPTS = 3
+KILL_RETRY_S = 2.0
 
 
 def with_agent_tmpfs(policy: Policy, agent: Agent) -> Policy:
@@ -132,6 +136,8 @@ class Run:
         # budget | timeout | interrupted | disk | log | *_abuse | cancelled
         self._end_reason: str | None = None
         self._lock = threading.Lock()
+        self._exited = threading.Event()  # the sandbox exited, or the run is over
+        self._killing = False
         self._agent_started: float | None = None
         self._agent_ended: float | None = None
         self._refused: list[dict[str, Any]] = []
@@ -172,10 +178,46 @@ class Run:
                 self._end_reason = reason
             sandbox = self._sandbox
         if sandbox is not None:
-            # Never on the caller's thread: it may be the output pump (whose draining the
-            # engine needs before the container can die: under gVisor a kill waited on it
-            # forever) or the services' event loop (which must keep answering meanwhile).
-            threading.Thread(target=sandbox.kill, name="airlock-kill", daemon=True).start()
+            self._kill(sandbox)
+
+    def _kill(self, sandbox: Sandbox) -> None:
+        # Never on the caller's thread: it may be the output pump (whose draining the
+        # engine needs before the container can die: under gVisor a kill waited on it
+        # forever) or the services' event loop (which must keep answering meanwhile).
+        # One killer per run, however often the run is ended (a flood of refusals).
+        with self._lock:
+            if self._killing:
+                return
+            self._killing = True
+        threading.Thread(target=self._kill_until_exited, args=(sandbox,),
+                         name="airlock-kill", daemon=True).start()
+
+    def _kill_until_exited(self, sandbox: Sandbox) -> None:
+        """Kill, and kill again until the engine reports the exit, then remove it.
+
+        One kill is not enough: a loaded engine can answer it with an error (it waited
+        for an exit event that did not come) or the call can fail, and the run would then
+        last as long as its command, past its wall time or its cancel. Each attempt has
+        its own thread, so one stuck in the engine does not hold back the next.
+        """
+        for attempt in range(1, KILL_ATTEMPTS + 1):
+            threading.Thread(target=self._kill_once, args=(sandbox, attempt),
+                             name="airlock-kill", daemon=True).start()
+            if self._exited.wait(KILL_RETRY_S * attempt):
+                return
+        # Removal ends the engine's wait() for it: the run goes on to its end.
+        self.log.emit("sandbox.force_removed", "host",
+                      detail=f"still running after {KILL_ATTEMPTS} kills")
+        with contextlib.suppress(Exception):  # the teardown removes it again, and says so
+            sandbox.remove()
+
+    def _kill_once(self, sandbox: Sandbox, attempt: int) -> None:
+        try:
+            sandbox.kill()
+        except Exception as exc:
+            if not self._exited.is_set():
+                self.log.emit("sandbox.kill_failed", "host", attempt=attempt,
+                              error=clip_text(f"{type(exc).__name__}: {exc}", 300))
 
     def cancel(self) -> None:
         """End the run from another thread: the sandbox is killed, or never started."""
@@ -238,6 +280,7 @@ class Run:
         def watch() -> None:
             pressed.wait()  # set by Ctrl-C, or at the run's end with `over`
             if not over.is_set():
+                self.log.emit("run.interrupt", "host")  # heard: what follows is the kill
                 self._end("interrupted")
 
         watcher = threading.Thread(target=watch, name="airlock-ctrl-c", daemon=True)
@@ -506,6 +549,7 @@ class Run:
 
     def _teardown(self, control: ControlServer | None, services: ServiceHost) -> None:
         """Remove the sandbox and stop the services; each step runs whatever the others do."""
+        self._exited.set()  # a killer still at work (a sandbox never started) stops
         with self._lock:
             sandbox = self._sandbox
         if sandbox is not None:
@@ -608,13 +652,16 @@ class Run:
             sandbox.start()
         self.log.emit("sandbox.started", "host")
         if self._ended_by_host():  # ended while it started: that kill may have found nothing
-            threading.Thread(target=sandbox.kill, name="airlock-kill", daemon=True).start()
+            threading.Thread(target=self._kill_once, args=(sandbox, 0), name="airlock-kill",
+                             daemon=True).start()
+            self._kill(sandbox)
         timer.start()
         reader = threading.Thread(target=self._pump_output, args=(sandbox,), daemon=True)
         reader.start()
         try:
             exit_ = sandbox.wait()
         finally:
+            self._exited.set()
             timer.cancel()
         reader.join(timeout=5)
         self.log.emit("sandbox.exited", "host", code=exit_.code, oom_killed=exit_.oom_killed)

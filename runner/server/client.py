@@ -169,8 +169,8 @@ def _converse(sock: socket.socket) -> int | None:
                 started = True
             elif kind == p.EXIT:
                 return int((p.loads(body) or {}).get("code", 1))
-            elif kind == p.FALLBACK:
-                return None
+            elif kind == p.FALLBACK:  # nothing ran: a Ctrl-C meanwhile means none should
+                return 130 if interrupted else None
     except KeyboardInterrupt:
         return 130
     finally:
