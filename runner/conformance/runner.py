@@ -586,10 +586,8 @@ class Suite:
                         outcomes = {b: f.result() for b, f in futures.items()}
                 finally:
                     if neighbour is not None:
-                        n_run, n_thread, n_engine = neighbour
-                        for sandbox in n_engine.sandboxes:
-                            with contextlib.suppress(Exception):  # n_thread.join bounds it
-                                sandbox.kill()
+                        n_run, n_thread, _ = neighbour
+                        n_run.cancel()  # killed until it exits, as any run the host ends
                         n_thread.join(60)
                         ctx.neighbour_events = _read_events(n_run.dir)
             results = [self._verdict(ctx, a, outcomes[a.batch]) for a in attacks]

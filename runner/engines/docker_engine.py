@@ -223,8 +223,13 @@ class DockerSandbox(Sandbox):
                 yield "stderr", err
 
     def wait(self) -> Exit:
+        import docker.errors
+
         result = self._client.api.wait(self.id)
-        state = self._client.api.inspect_container(self.id)["State"]
+        try:
+            state = self._client.api.inspect_container(self.id)["State"]
+        except docker.errors.NotFound:  # removed as it ended (a run that could not kill it)
+            state = {}
         return Exit(code=int(result.get("StatusCode", state.get("ExitCode", 1))),
                     oom_killed=bool(state.get("OOMKilled")))
 
@@ -252,8 +257,14 @@ class DockerSandbox(Sandbox):
     def remove(self) -> None:
         import docker.errors
 
-        with contextlib.suppress(docker.errors.NotFound):
+        try:
             self._client.api.remove_container(self.id, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            # 409: a removal already in progress (the run's killer and its teardown)
+            if exc.status_code != 409 or "in progress" not in str(exc.explanation):
+                raise
         if self._response is not None:
             with contextlib.suppress(Exception):
                 self._response.close()

@@ -145,6 +145,7 @@ class EventLog(EventSink):
         self._size = 0
         self._listeners: list[Listener] = []
         self._fh: Any = None
+        self._closed = False  # a late emit (a thread the run left) is not an event of it
         self.full: str | None = None  # why the log stopped taking events: "cap" | "write"
         self.dropped = 0  # events not written (past the cap, or refused by the disk)
         self._refusals: Counter[tuple[str, str]] = Counter()
@@ -212,6 +213,8 @@ class EventLog(EventSink):
                 ) -> tuple[Event | None, str | None]:
         """Under the lock: serialize and write; the new event (None if not written), and
         the reason the log just became full (once)."""
+        if self._closed:
+            return None, None
         # Once full, only the host's own (closing) events are still written.
         if self.full is not None and source != "host":
             self.dropped += 1
@@ -276,6 +279,7 @@ class EventLog(EventSink):
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._fh is not None:
                 try:
                     with contextlib.suppress(OSError):

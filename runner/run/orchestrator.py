@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.agents import Agent, AgentContext
-from runner.engines import Engine, Sandbox, get_engine
+from runner.engines import Engine, Exit, Sandbox, get_engine
 from runner.errors import AirlockError, BadInput, ExitCode
 from runner.events import BudgetExceeded, Budgets, Event, EventLog, clip, clip_text
 from runner.events.limits import HostLimits
@@ -47,10 +47,13 @@ MAX_PARTIAL_LINE = 1 << 20  # an unfinished output line longer than this is not 
 # How long after the engine reports a failed gVisor sandbox's exit it may still report
 # the OOM kill that caused it (seen: up to 0.15 s, under load on 2 cores).
 LATE_OOM_WAIT = 0.5
-# A kill the engine did not take is sent again, KILL_RETRY_S x attempt later; after the
-# last one the sandbox is removed (2 + 4 + 6 s: well inside a wall-time grace).
-KILL_ATTEMPTS = 3
-KILL_RETRY_S = 2.0
+# A run the host ends has its sandbox killed until the engine reports the exit: a try is
+# a kill (then a removal), and ends when the engine refuses it or after KILL_TRY_S without
+# the exit (the engine itself waits ~12 s before it answers that a kill failed). After
+# every try the run stops waiting and leaves the container to `airlock gc`.
+KILL_TRIES = 3
+KILL_TRY_S = 15.0
+KILL_PAUSE_S = 1.0  # between a refused try and the next
 
 
 def with_agent_tmpfs(policy: Policy, agent: Agent) -> Policy:
@@ -137,6 +140,8 @@ class Run:
         self._end_reason: str | None = None
         self._lock = threading.Lock()
         self._exited = threading.Event()  # the sandbox exited, or the run is over
+        self._abandoned = threading.Event()  # no kill or removal ended it: not waited for
+        self._started = False
         self._killing = False
         self._agent_started: float | None = None
         self._agent_ended: float | None = None
@@ -177,8 +182,8 @@ class Run:
             if self._end_reason is None:
                 self._end_reason = reason
             sandbox = self._sandbox
-        if sandbox is not None:
-            self._kill(sandbox)
+        if sandbox is not None and self._started:
+            self._kill(sandbox)  # not started yet: _run_sandbox sees the reason and kills
 
     def _kill(self, sandbox: Sandbox) -> None:
         # Never on the caller's thread: it may be the output pump (whose draining the
@@ -193,31 +198,46 @@ class Run:
                          name="airlock-kill", daemon=True).start()
 
     def _kill_until_exited(self, sandbox: Sandbox) -> None:
-        """Kill, and kill again until the engine reports the exit, then remove it.
+        """Kill until the engine reports the exit; then remove; then stop waiting for it.
 
-        One kill is not enough: a loaded engine can answer it with an error (it waited
-        for an exit event that did not come) or the call can fail, and the run would then
-        last as long as its command, past its wall time or its cancel. Each attempt has
-        its own thread, so one stuck in the engine does not hold back the next.
+        One kill is not enough: a loaded engine can refuse it (it waited for an exit event
+        that did not come) or the call can fail, and a run that trusted it lasted as long
+        as its command, past its wall time or its cancel.
         """
-        for attempt in range(1, KILL_ATTEMPTS + 1):
-            threading.Thread(target=self._kill_once, args=(sandbox, attempt),
-                             name="airlock-kill", daemon=True).start()
-            if self._exited.wait(KILL_RETRY_S * attempt):
+        tries: list[tuple[str, Callable[[], None]]] = \
+            [("kill", sandbox.kill)] * KILL_TRIES + [("remove", sandbox.remove)]
+        for n, (what, call) in enumerate(tries, 1):
+            if self._try_to_end(what, n, call):
                 return
-        # Removal ends the engine's wait() for it: the run goes on to its end.
-        self.log.emit("sandbox.force_removed", "host",
-                      detail=f"still running after {KILL_ATTEMPTS} kills")
-        with contextlib.suppress(Exception):  # the teardown removes it again, and says so
-            sandbox.remove()
+        if not self._exited.is_set():
+            needs_gc()
+            self.log.emit("sandbox.abandoned", "host",
+                          detail=f"still running after {KILL_TRIES} kills and a removal; "
+                                 "the run ends without it (`airlock gc` removes it)")
+            self._abandoned.set()
 
-    def _kill_once(self, sandbox: Sandbox, attempt: int) -> None:
-        try:
-            sandbox.kill()
-        except Exception as exc:
-            if not self._exited.is_set():
-                self.log.emit("sandbox.kill_failed", "host", attempt=attempt,
-                              error=clip_text(f"{type(exc).__name__}: {exc}", 300))
+    def _try_to_end(self, what: str, attempt: int, call: Callable[[], None]) -> bool:
+        """One try in its own thread (a call stuck in the engine does not hold the next);
+        True once the sandbox has exited."""
+        refused = threading.Event()
+
+        def run() -> None:
+            try:
+                call()
+            except Exception as exc:
+                if not self._exited.is_set():
+                    self.log.emit("sandbox.kill_failed", "host", call=what, attempt=attempt,
+                                  error=clip_text(f"{type(exc).__name__}: {exc}", 300))
+                refused.set()
+
+        threading.Thread(target=run, name="airlock-kill", daemon=True).start()
+        deadline = time.monotonic() + KILL_TRY_S
+        while not self._exited.wait(0.1):
+            if refused.is_set():
+                return self._exited.wait(KILL_PAUSE_S)
+            if time.monotonic() > deadline:
+                return False
+        return True
 
     def cancel(self) -> None:
         """End the run from another thread: the sandbox is killed, or never started."""
@@ -651,21 +671,45 @@ class Run:
         else:
             sandbox.start()
         self.log.emit("sandbox.started", "host")
-        if self._ended_by_host():  # ended while it started: that kill may have found nothing
-            threading.Thread(target=self._kill_once, args=(sandbox, 0), name="airlock-kill",
-                             daemon=True).start()
+        with self._lock:
+            self._started = True
+        if self._ended_by_host():  # ended while it started, before a kill could be sent
             self._kill(sandbox)
         timer.start()
         reader = threading.Thread(target=self._pump_output, args=(sandbox,), daemon=True)
         reader.start()
         try:
-            exit_ = sandbox.wait()
+            exit_ = self._wait(sandbox)
         finally:
             self._exited.set()
             timer.cancel()
         reader.join(timeout=5)
         self.log.emit("sandbox.exited", "host", code=exit_.code, oom_killed=exit_.oom_killed)
         return exit_.code, exit_.oom_killed
+
+    def _wait(self, sandbox: Sandbox) -> Exit:
+        """The engine's report of the sandbox's exit; or, once the killer gave up on a
+        sandbox the engine could neither kill nor remove, a kill's exit without it."""
+        if self._abandoned.is_set():
+            return Exit(code=137, oom_killed=False)
+        outcome: list[Exit | BaseException] = []
+        reported = threading.Event()
+
+        def wait() -> None:
+            try:
+                outcome.append(sandbox.wait())
+            except BaseException as exc:
+                outcome.append(exc)
+            finally:
+                reported.set()
+
+        threading.Thread(target=wait, name="airlock-wait", daemon=True).start()
+        while not reported.wait(0.5):
+            if self._abandoned.is_set():
+                return Exit(code=137, oom_killed=False)
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
 
     def _pump_output(self, sandbox: Sandbox) -> None:
         partial = {"stdout": b"", "stderr": b""}
