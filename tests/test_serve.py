@@ -509,14 +509,16 @@ def test_a_ctrl_c_before_the_server_hands_the_run_back_ends_it(tmp_path: Path):
     client.settimeout(10)  # a broken test fails instead of hanging
     server.settimeout(10)
     assert threading.current_thread() is threading.main_thread()  # signals land here
+    default = signal.getsignal(signal.SIGINT)
+    heard: list[bytes] = []
 
     def serve() -> None:
         # As the daemon does: it decides on FALLBACK before any NEED/ENV exchange.
-        default = signal.getsignal(signal.SIGINT)
-        assert wait_for(lambda: signal.getsignal(signal.SIGINT) is not default, 10)
+        if not wait_for(lambda: signal.getsignal(signal.SIGINT) is not default, 10):
+            return  # the client never listened: the assertions below say so
         os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, while the server decides
         frame = p.Reader(server).frame()
-        assert frame is not None and frame[0] == p.INTERRUPT
+        heard.append(frame[0] if frame else b"")
         p.send(server, p.FALLBACK, {"reason": "code changed"})
 
     t = threading.Thread(target=serve, daemon=True)
@@ -524,3 +526,4 @@ def test_a_ctrl_c_before_the_server_hands_the_run_back_ends_it(tmp_path: Path):
     with client, server:
         assert _converse(client) == 130  # not None: the client would run it in-process
     t.join(10)
+    assert heard == [p.INTERRUPT]  # the client told the server, then was handed it back

@@ -54,6 +54,8 @@ LATE_OOM_WAIT = 0.5
 KILL_TRIES = 3
 KILL_TRY_S = 15.0
 KILL_PAUSE_S = 1.0  # between a refused try and the next
+ABANDONED_RETRIES = 20  # removals of an abandoned sandbox, ABANDONED_RETRY_S apart
+ABANDONED_RETRY_S = 30.0
 
 
 def with_agent_tmpfs(policy: Policy, agent: Agent) -> Policy:
@@ -209,12 +211,19 @@ class Run:
         for n, (what, call) in enumerate(tries, 1):
             if self._try_to_end(what, n, call):
                 return
-        if not self._exited.is_set():
-            needs_gc()
-            self.log.emit("sandbox.abandoned", "host",
-                          detail=f"still running after {KILL_TRIES} kills and a removal; "
-                                 "the run ends without it (`airlock gc` removes it)")
-            self._abandoned.set()
+        if self._exited.is_set():
+            return
+        needs_gc()
+        self.log.emit("sandbox.abandoned", "host",
+                      detail=f"still running after {KILL_TRIES} kills and a removal; the "
+                             "run ends without it; removal is retried (and `airlock gc`)")
+        self._abandoned.set()
+        # A long-lived process (the service) would otherwise keep it until it exits.
+        for _ in range(ABANDONED_RETRIES):
+            time.sleep(ABANDONED_RETRY_S)
+            with contextlib.suppress(Exception):
+                sandbox.remove()
+                return
 
     def _try_to_end(self, what: str, attempt: int, call: Callable[[], None]) -> bool:
         """One try in its own thread (a call stuck in the engine does not hold the next);
@@ -572,7 +581,10 @@ class Run:
         self._exited.set()  # a killer still at work (a sandbox never started) stops
         with self._lock:
             sandbox = self._sandbox
-        if sandbox is not None:
+        if sandbox is not None and self._abandoned.is_set():
+            # The engine refused the removal already: the killer keeps at it, not the run.
+            self.log.emit("sandbox.left", "host", container=sandbox.id[:12])
+        elif sandbox is not None:
             try:
                 sandbox.remove()
                 self.log.emit("sandbox.removed", "host")
@@ -719,7 +731,9 @@ class Run:
                 # Past the budget the sandbox is being killed; keep draining what is still
                 # in flight, unrecorded: an attach stream nobody reads can hold the
                 # engine's end of the container open (seen under gVisor: it never exited).
-                if over or not self.budgets.charge("output_bytes", len(chunk)):
+                # An abandoned sandbox's output is drained unread: its run has ended.
+                if over or self._abandoned.is_set() \
+                        or not self.budgets.charge("output_bytes", len(chunk)):
                     over = True
                     continue
                 # Whatever one chunk holds, the pump goes on: if it stopped, steps and
