@@ -153,6 +153,11 @@ def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
     return False
 
 
+def run_events(result) -> list[dict]:
+    """A finished run's event log, as dicts (`runner.execute`'s result)."""
+    return [json.loads(x) for x in (result.run_dir / "events.jsonl").read_text().splitlines()]
+
+
 def write_policy(tmp_path: Path, text: str, name: str = "policy.yaml") -> str:
     path = tmp_path / name
     path.write_text(text)

@@ -9,7 +9,6 @@ sandbox, its kill and its removal are real.
 from __future__ import annotations
 
 import contextlib
-import json
 
 import docker.errors
 import pytest
@@ -17,14 +16,12 @@ import pytest
 from runner import execute
 from runner.engines.docker_engine import DockerSandbox
 from runner.policy.loader import policy_from_dict
+from tests.conftest import run_events as events
 
 pytestmark = pytest.mark.usefixtures("engine")
 
 REFUSAL = "Cannot kill container: tried to kill container, but did not receive an exit event"
 
-
-def events(result) -> list[dict]:
-    return [json.loads(x) for x in (result.run_dir / "events.jsonl").read_text().splitlines()]
 
 
 def refuse_kills(monkeypatch, times: int | None) -> list[str]:

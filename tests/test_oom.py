@@ -28,12 +28,10 @@ from docker.api.client import APIClient
 from runner import execute
 from runner.engines.docker_engine import DockerSandbox, _unix_time, oom_in_events
 from runner.policy.loader import policy_from_dict
+from tests.conftest import run_events as events
 
 ALLOCATE = "b = [bytearray(16 << 20) for _ in range(64)]"  # 1 GiB, past 96m
 
-
-def events(result) -> list[dict]:
-    return [json.loads(x) for x in (result.run_dir / "events.jsonl").read_text().splitlines()]
 
 
 def policy(runtime: str):

@@ -28,6 +28,7 @@ from runner.policy.loader import policy_from_dict
 from runner.run.orchestrator import with_agent_tmpfs
 from runner.run.pool import LABEL_POOL, Recipe
 from tests.conftest import RUNTIMES, wait_for
+from tests.conftest import run_events as events
 
 PRESET = {"runc": "default", "runsc": "strict"}
 
@@ -36,9 +37,6 @@ def recipe_for(policy, agent: str = "command") -> Recipe:
     a = get_agent(agent)
     return Recipe(with_agent_tmpfs(policy, a), image_tag(a.image))
 
-
-def events(result) -> list[dict]:
-    return [json.loads(x) for x in (result.run_dir / "events.jsonl").read_text().splitlines()]
 
 
 def stdout(result) -> str:

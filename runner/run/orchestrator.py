@@ -183,9 +183,9 @@ class Run:
         with self._lock:
             if self._end_reason is None:
                 self._end_reason = reason
-            sandbox = self._sandbox
-        if sandbox is not None and self._started:
-            self._kill(sandbox)  # not started yet: _run_sandbox sees the reason and kills
+            sandbox = self._sandbox if self._started else None
+        if sandbox is not None:  # not started yet: _run_sandbox sees the reason and kills
+            self._kill(sandbox)
 
     def _kill(self, sandbox: Sandbox) -> None:
         # Never on the caller's thread: it may be the output pump (whose draining the
@@ -702,8 +702,6 @@ class Run:
     def _wait(self, sandbox: Sandbox) -> Exit:
         """The engine's report of the sandbox's exit; or, once the killer gave up on a
         sandbox the engine could neither kill nor remove, a kill's exit without it."""
-        if self._abandoned.is_set():
-            return Exit(code=137, oom_killed=False)
         outcome: list[Exit | BaseException] = []
         reported = threading.Event()
 
